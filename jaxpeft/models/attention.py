@@ -1,0 +1,105 @@
+"""Attention pieces shared by all backbones: explicit masks, RoPE, the prefix extension point, the core op.
+
+Imports jax/flax only. Masks are built explicitly from slot indices (never `is_causal`, which aligns the
+causal mask top-left when there are fewer queries than keys: wrong for prefixes and KV-cache decoding).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Prefix(NamedTuple):
+    """Extra key/value entries placed before a layer's own keys.
+
+    k_blhd, v_blhd: (B, l, H_kv, d_h) prefix keys and values (no RoPE applied to them).
+    mask_bl: (B, l) bool, which prefix entries every query may see.
+    """
+
+    k_blhd: jax.Array
+    v_blhd: jax.Array
+    mask_bl: jax.Array
+
+
+class PrefixHook(nn.Module):
+    """Extension point: per-layer extra key/value entries that may depend on the layer's input.
+
+    Returns None (no prefix). Prefix tuning, P-tuning v2 and APT intercept this module's `__call__`
+    and return a `Prefix`, creating their parameters in their own variable collection.
+    """
+
+    num_kv_heads: int
+    head_dim: int
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> Prefix | None:
+        """x_btd: (B, T, D) the layer's input hidden states; mask_bt: (B, T) bool, the non-pad tokens."""
+        del x_btd, mask_bt
+        return None
+
+
+def attention_mask(q_slots_t: jax.Array, key_valid_bs: jax.Array, *, causal: bool,
+                   window: int | None = None) -> jax.Array:
+    """(B, 1, T, S) bool mask: key slot s visible to the query at slot q_slots_t[t].
+
+    key_valid_bs: (B, S) bool, keys that hold real tokens. causal: s <= q. window (HF `sliding_window` W):
+    additionally q - s < W.
+    """
+    s_idx = jnp.arange(key_valid_bs.shape[1])
+    mask = key_valid_bs[:, None, None, :]
+    if causal:
+        mask = mask & (s_idx[None, :] <= q_slots_t[:, None])[None, None]
+    if window is not None:
+        mask = mask & ((q_slots_t[:, None] - s_idx[None, :]) < window)[None, None]
+    return mask
+
+
+def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float, scaling: float = 1.0):
+    """(cos, sin), each (B, T, head_dim) float32, HF half-split convention; `scaling` = linear factor."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scaling
+    freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # (B, T, d_h/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+    """Rotate (B, T, H, d_h) by the tables (HF `rotate_half`), in float32, cast back."""
+    x = x_bthd.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]
+    return out.astype(x_bthd.dtype)
+
+
+def with_prefix(prefix: Prefix | None, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array):
+    """Prepend prefix entries to keys, values and the mask (every query sees the valid prefix entries)."""
+    if prefix is None:
+        return k_bshd, v_bshd, mask_b1ts
+    b, _, t, _ = mask_b1ts.shape
+    pmask = jnp.broadcast_to(prefix.mask_bl.astype(bool)[:, None, None, :], (b, 1, t, prefix.mask_bl.shape[1]))
+    return (jnp.concatenate([prefix.k_blhd.astype(k_bshd.dtype), k_bshd], axis=1),
+            jnp.concatenate([prefix.v_blhd.astype(v_bshd.dtype), v_bshd], axis=1),
+            jnp.concatenate([pmask, mask_b1ts], axis=-1))
+
+
+def attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array, scale: float, *,
+           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention with GQA; (B, T, H, d_h) x (B, S, H_kv, d_h) -> (B, T, H, d_h).
+
+    Uses `jax.nn.dot_product_attention` unless attention dropout is active. Fully masked query rows (left
+    padding) give finite garbage; callers ignore those positions.
+    """
+    if dropout_rate == 0.0 or dropout_rng is None:
+        return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_b1ts, scale=scale)
+    h, hkv = q_bthd.shape[2], k_bshd.shape[2]
+    k = jnp.repeat(k_bshd, h // hkv, axis=2)
+    v = jnp.repeat(v_bshd, h // hkv, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q_bthd, k).astype(jnp.float32) * scale
+    logits = jnp.where(mask_b1ts, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)

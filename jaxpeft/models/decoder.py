@@ -1,0 +1,167 @@
+"""Decoder-only family (llama / SmolLM2, qwen2, gemma3 text) with causal-LM, classification and bare heads.
+
+Imports jax/flax and sibling model modules only. Module names mirror Hugging Face module paths, so a
+flax path like `layers/self_attn/q_proj` is `model.layers.{i}.self_attn.q_proj` in HF.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.models.attention import PrefixHook, apply_rope, attend, attention_mask, rope_tables, with_prefix
+from jaxpeft.models.cache import KVCache, step_inputs, write_kv
+from jaxpeft.models.config import ModelConfig
+from jaxpeft.models.heads import last_token_pool
+from jaxpeft.models.layers import Dense, Embed, RMSNorm, activation, jnp_dtype
+from jaxpeft.models.outputs import ModelOutput
+from jaxpeft.models.stack import layer_stack
+
+
+def _dtypes(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype))
+
+
+class DecoderAttention(nn.Module):
+    """Self-attention with GQA, optional q/k/v bias, QK-norm, RoPE, KV cache and prefix entries."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, ctx, kv_cache, is_sliding, deterministic):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        b, t, _ = x_btd.shape
+        h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = Dense(h * dh, cfg.qkv_bias, ("embed", "q_heads"), name="q_proj", **dt)(x_btd).reshape(b, t, h, dh)
+        k = Dense(hkv * dh, cfg.qkv_bias, ("embed", "kv_heads"), name="k_proj", **dt)(x_btd).reshape(b, t, hkv, dh)
+        v = Dense(hkv * dh, cfg.qkv_bias, ("embed", "kv_heads"), name="v_proj", **dt)(x_btd).reshape(b, t, hkv, dh)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.norm_eps, cfg.norm_offset, "head_dim", name="q_norm", **dt)(q)
+            k = RMSNorm(cfg.norm_eps, cfg.norm_offset, "head_dim", name="k_norm", **dt)(k)
+        cos, sin = ctx["rope"]
+        mask = ctx["mask"]
+        if "rope_local" in ctx:  # gemma3: per-layer choice between sliding and full attention
+            cos = jnp.where(is_sliding, ctx["rope_local"][0], cos)
+            sin = jnp.where(is_sliding, ctx["rope_local"][1], sin)
+            mask = jnp.where(is_sliding, ctx["mask_local"], mask)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if kv_cache is not None:
+            k, v = write_kv(kv_cache[0], kv_cache[1], k, v, ctx["index"])
+            new_kv = (k, v)
+        prefix = PrefixHook(hkv, dh, name="prefix")(x_btd, ctx["mask_bt"])
+        k, v, mask = with_prefix(prefix, k, v, mask)
+        rate = 0.0 if deterministic else cfg.attention_dropout
+        rng = self.make_rng("dropout") if rate else None
+        o = attend(q, k, v, mask, cfg.attn_scale, dropout_rate=rate, dropout_rng=rng)
+        out = Dense(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), name="o_proj", **dt)(o.reshape(b, t, h * dh))
+        return out, new_kv
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu_tanh)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        gate = Dense(cfg.intermediate_size, cfg.mlp_bias, ("embed", "mlp"), name="gate_proj", **dt)(x_btd)
+        up = Dense(cfg.intermediate_size, cfg.mlp_bias, ("embed", "mlp"), name="up_proj", **dt)(x_btd)
+        return Dense(cfg.hidden_size, cfg.mlp_bias, ("mlp", "embed"), name="down_proj", **dt)(
+            activation(cfg.hidden_act)(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block; gemma3 adds post-attention and post-feedforward norms (sandwich)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, ctx, layer_xs, deterministic: bool = True):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+
+        def norm(name):
+            return RMSNorm(cfg.norm_eps, cfg.norm_offset, name=name, **dt)
+
+        kv = layer_xs.get("kv")
+        a, new_kv = DecoderAttention(cfg, name="self_attn")(
+            norm("input_layernorm")(x_btd), ctx, kv, layer_xs["is_sliding"], deterministic)
+        if cfg.sandwich_norm:
+            a = norm("post_attention_layernorm")(a)
+        x_btd = x_btd + a
+        m = GatedMLP(cfg, name="mlp")(norm("pre_feedforward_layernorm" if cfg.sandwich_norm
+                                           else "post_attention_layernorm")(x_btd))
+        if cfg.sandwich_norm:
+            m = norm("post_feedforward_layernorm")(m)
+        return x_btd + m, {"kv": new_kv} if new_kv is not None else {}
+
+
+class DecoderModel(nn.Module):
+    """A decoder backbone plus one task head.
+
+    task: 'causal_lm' (tied or untied `lm_head`), 'seq_cls' (`score` on the last non-pad token by the
+    attention mask), 'token_cls' (`score` on every token), 'base' (hidden states only).
+    """
+
+    cfg: ModelConfig
+    task: str = "causal_lm"
+
+    def setup(self) -> None:
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **dt)
+        self.norm = RMSNorm(cfg.norm_eps, cfg.norm_offset, **dt)
+        if self.task == "causal_lm" and not cfg.tie_word_embeddings:
+            self.lm_head = Dense(cfg.vocab_size, False, ("embed", "vocab"), **dt)
+        if self.task in ("seq_cls", "token_cls"):
+            self.score = Dense(cfg.num_labels, False, ("embed", "labels"), **dt)
+        self.layers = layer_stack(DecoderBlock, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat)(cfg)
+
+    def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
+                 positions_bt: jax.Array | None = None, cache: KVCache | None = None,
+                 deterministic: bool = True) -> ModelOutput:
+        """input_ids_bt (B, T) int; attention_mask_bt (B, T), 1 for real tokens (default all ones);
+        positions_bt (B, T) overrides the default (count of non-pad tokens before each token);
+        cache: a KVCache to read and extend (decoding). Returns ModelOutput (see its docstring)."""
+        hidden, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt=positions_bt,
+                                               cache=cache, deterministic=deterministic)
+        mask = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt
+        return ModelOutput(logits=self.head(hidden, mask), hidden=hidden, cache=new_cache)
+
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache=None,
+                      deterministic=True):
+        """(B, T) ids -> ((B, T, D) final hidden states after the final norm, updated cache or None)."""
+        cfg = self.cfg
+        mask_bt = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        q_slots, key_valid, positions_bt, cache_fields = step_inputs(cache, mask_bt, positions_bt)
+        x = self.embed_tokens(input_ids_bt)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+        ctx = {"mask_bt": mask_bt, "mask": attention_mask(q_slots, key_valid, causal=True),
+               "rope": rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+        if any(cfg.sliding_layers):
+            ctx["mask_local"] = attention_mask(q_slots, key_valid, causal=True, window=cfg.sliding_window)
+            ctx["rope_local"] = rope_tables(positions_bt, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
+        layer_xs = {"is_sliding": jnp.asarray(cfg.sliding_layers)}
+        if cache is not None:
+            ctx["index"] = cache.index
+            layer_xs["kv"] = (cache.k, cache.v)
+        x, ys = self.layers(x, ctx, layer_xs, deterministic)
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.replace(k=ys["kv"][0], v=ys["kv"][1], **cache_fields)
+        return self.norm(x), new_cache
+
+    def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None) -> jax.Array | None:
+        """Task head on final hidden states: (B, T, D) -> float32 logits (None for task='base')."""
+        if self.task == "causal_lm":
+            if self.cfg.tie_word_embeddings:
+                return self.embed_tokens.attend(hidden_btd).astype(jnp.float32)
+            return self.lm_head(hidden_btd).astype(jnp.float32)
+        if self.task == "seq_cls":
+            return self.score(last_token_pool(hidden_btd, attention_mask_bt)).astype(jnp.float32)
+        if self.task == "token_cls":
+            return self.score(hidden_btd).astype(jnp.float32)
+        return None

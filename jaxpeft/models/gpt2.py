@@ -1,0 +1,122 @@
+"""GPT-2: learned positions, pre-LN blocks, fused `c_attn`, tied LM head; causal LM / classification heads.
+
+Imports jax/flax and sibling model modules only. Module names mirror HF (`h/attn/c_attn` is
+`transformer.h.{i}.attn.c_attn`); HF stores these Conv1D kernels (n_in, n_out), as flax does.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.models.attention import PrefixHook, attend, attention_mask, with_prefix
+from jaxpeft.models.cache import KVCache, step_inputs, write_kv
+from jaxpeft.models.config import ModelConfig
+from jaxpeft.models.decoder import _dtypes
+from jaxpeft.models.heads import last_token_pool
+from jaxpeft.models.layers import Dense, Embed, LayerNorm, activation
+from jaxpeft.models.outputs import ModelOutput
+from jaxpeft.models.stack import layer_stack
+
+
+class GPT2Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, ctx, kv_cache, deterministic):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        b, t, d = x_btd.shape
+        h, dh = cfg.num_heads, cfg.head_dim
+        qkv = Dense(3 * d, True, ("embed", "qkv"), name="c_attn", **dt)(x_btd)
+        q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
+        new_kv = None
+        if kv_cache is not None:
+            k, v = write_kv(kv_cache[0], kv_cache[1], k, v, ctx["index"])
+            new_kv = (k, v)
+        prefix = PrefixHook(h, dh, name="prefix")(x_btd, ctx["mask_bt"])
+        k, v, mask = with_prefix(prefix, k, v, ctx["mask"])
+        rate = 0.0 if deterministic else cfg.attention_dropout
+        o = attend(q, k, v, mask, cfg.attn_scale, dropout_rate=rate,
+                   dropout_rng=self.make_rng("dropout") if rate else None)
+        o = Dense(d, True, ("q_heads", "embed"), name="c_proj", **dt)(o.reshape(b, t, d))
+        return nn.Dropout(cfg.hidden_dropout)(o, deterministic=deterministic), new_kv
+
+
+class GPT2Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, ctx, layer_xs, deterministic: bool = True):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        a, new_kv = GPT2Attention(cfg, name="attn")(LayerNorm(cfg.norm_eps, name="ln_1", **dt)(x_btd), ctx,
+                                                    layer_xs.get("kv"), deterministic)
+        x_btd = x_btd + a
+        hmid = LayerNorm(cfg.norm_eps, name="ln_2", **dt)(x_btd)
+        hmid = GPT2MLP(cfg, name="mlp")(hmid, deterministic)
+        return x_btd + hmid, {"kv": new_kv} if new_kv is not None else {}
+
+
+class GPT2MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, deterministic):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        hmid = activation(cfg.hidden_act)(Dense(cfg.intermediate_size, True, ("embed", "mlp"), name="c_fc", **dt)(x_btd))
+        out = Dense(cfg.hidden_size, True, ("mlp", "embed"), name="c_proj", **dt)(hmid)
+        return nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+
+
+class GPT2Model(nn.Module):
+    """GPT-2 backbone plus a task head ('causal_lm' tied to `wte` or untied, 'seq_cls', 'token_cls', 'base')."""
+
+    cfg: ModelConfig
+    task: str = "causal_lm"
+
+    def setup(self) -> None:
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        self.wte = Embed(cfg.vocab_size, cfg.hidden_size, **dt)
+        self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, ("positions", "embed"), **dt)
+        self.ln_f = LayerNorm(cfg.norm_eps, **dt)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.h = layer_stack(GPT2Block, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat)(cfg)
+        if self.task == "causal_lm" and not cfg.tie_word_embeddings:
+            self.lm_head = Dense(cfg.vocab_size, False, ("embed", "vocab"), **dt)
+        if self.task in ("seq_cls", "token_cls"):
+            self.score = Dense(cfg.num_labels, False, ("embed", "labels"), **dt)
+
+    def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
+                 positions_bt: jax.Array | None = None, cache: KVCache | None = None,
+                 deterministic: bool = True) -> ModelOutput:
+        """Same contract as DecoderModel.__call__: (B, T) ids -> ModelOutput."""
+        hidden, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt=positions_bt,
+                                               cache=cache, deterministic=deterministic)
+        mask = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt
+        return ModelOutput(logits=self.head(hidden, mask), hidden=hidden, cache=new_cache)
+
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache=None,
+                      deterministic=True):
+        """(B, T) ids -> ((B, T, D) hidden states after ln_f, updated cache or None)."""
+        mask_bt = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        q_slots, key_valid, positions_bt, cache_fields = step_inputs(cache, mask_bt, positions_bt)
+        x = self.drop(self.wte(input_ids_bt) + self.wpe(positions_bt), deterministic=deterministic)
+        ctx = {"mask_bt": mask_bt, "mask": attention_mask(q_slots, key_valid, causal=True)}
+        layer_xs = {}
+        if cache is not None:
+            ctx["index"] = cache.index
+            layer_xs["kv"] = (cache.k, cache.v)
+        x, ys = self.h(x, ctx, layer_xs, deterministic)
+        new_cache = None if cache is None else cache.replace(k=ys["kv"][0], v=ys["kv"][1], **cache_fields)
+        return self.ln_f(x), new_cache
+
+    def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None) -> jax.Array | None:
+        """Task head on final hidden states -> float32 logits (None for task='base')."""
+        if self.task == "causal_lm":
+            if self.cfg.tie_word_embeddings:
+                return self.wte.attend(hidden_btd).astype(jnp.float32)
+            return self.lm_head(hidden_btd).astype(jnp.float32)
+        if self.task == "seq_cls":
+            return self.score(last_token_pool(hidden_btd, attention_mask_bt)).astype(jnp.float32)
+        if self.task == "token_cls":
+            return self.score(hidden_btd).astype(jnp.float32)
+        return None
