@@ -136,4 +136,5 @@ def _build(module, model_fn: ModelFn, b: int, p_len: int, max_new: int, eos: tup
         _, rest = jax.lax.scan(step, (out.cache, tok, done, rng), None, length=max_new - 1)
         return jnp.concatenate([tok[:, None], rest.T], axis=1)
 
-    return jax.jit(run, donate_argnums=(3,))
+    # the cache is donated where the backend can reuse its buffers (not on CPU)
+    return jax.jit(run, donate_argnums=(3,) if jax.default_backend() != "cpu" else ())
