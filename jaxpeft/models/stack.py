@@ -19,7 +19,7 @@ def layer_stack(block_cls: type[nn.Module], num_layers: int, *, scan: bool = Tru
 
     `ctx` and the Python bool `deterministic` are broadcast to every layer; `layer_xs` and `ys` have a leading layer axis. Every variable
     collection (params, adapters, ...) is stacked on axis 0 with logical axis name 'layers', and the
-    'params' and 'dropout' RNGs are split per layer (needed for dropout to differ between layers).
+    RNG stream (params, dropout, adapter init, ...) is split per layer, so layers draw different values.
     """
     cls = block_cls
     if remat != "none":
@@ -27,7 +27,7 @@ def layer_stack(block_cls: type[nn.Module], num_layers: int, *, scan: bool = Tru
     return nn.scan(
         cls,
         variable_axes={True: 0},
-        split_rngs={"params": True, "dropout": True},
+        split_rngs={True: True},
         in_axes=(nn.broadcast, 0, nn.broadcast),
         length=num_layers,
         unroll=1 if scan else num_layers,
