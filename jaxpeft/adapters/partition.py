@@ -1,0 +1,83 @@
+"""Frozen/trainable partitions, optimizers that hold state for trainable leaves only, parameter counts.
+
+Imports jax/optax and sibling adapter modules only. The recommended path differentiates only the trainable
+tree (so frozen leaves never reach the optimizer); `partitioned_optimizer` serves trees that mix both
+(full fine-tuning, users' own trees): frozen leaves get `optax.set_to_zero()` updates and no state.
+`optax.masked` alone is not enough: it passes raw gradients through for masked-out leaves.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpeft.adapters.core import AdaptedModel, AdapterState
+
+
+def split_state(state: AdapterState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, extras): the tree to differentiate and optimise, and the adapters' frozen extras."""
+    return state["trainable"], state["extras"]
+
+
+def join_state(trainable: Mapping[str, Any], extras: Mapping[str, Any]) -> AdapterState:
+    """Inverse of split_state."""
+    return {"trainable": dict(trainable), "extras": dict(extras)}
+
+
+def partitioned_optimizer(tx: optax.GradientTransformation, is_trainable: Any | Callable[[Any], Any]
+                          ) -> optax.GradientTransformation:
+    """`tx` on trainable leaves, zero updates and no optimizer state on frozen ones (for mixed trees).
+
+    is_trainable: a pytree of bools matching the params, or a function params -> such a tree.
+    """
+    def labels(params):
+        mask = is_trainable(params) if callable(is_trainable) else is_trainable
+        return jax.tree.map(lambda t: "train" if t else "freeze", mask)
+
+    return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def count_parameters(model: AdaptedModel, state: AdapterState, frozen: Mapping[str, Any],
+                     name: str | None = None) -> tuple[int, int]:
+    """(trainable, all) parameter counts as PEFT's `get_nb_trainable_parameters` reports them.
+
+    Layers excluded by `layers_to_transform` hold stacked placeholder weights: they are not counted.
+    `all` = base parameters + trainable adapter parameters (modules_to_save copies replace, not add).
+    """
+    names = [name] if name else list(state["trainable"])
+    trainable = 0
+    for n in names:
+        spec = model.spec(n)
+        dense = state["trainable"][n]["dense"]
+        for t in spec.targets:
+            node = dense
+            for p in t.flax_module.split("/"):
+                node = node[p]
+            for leaf in node.values():
+                size = int(np.prod(leaf.shape))
+                trainable += size // t.num_layers * len(t.layers) if t.layered else size
+        trainable += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][n]["saved"]))
+    base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+    saved = sum(int(np.prod(x.shape)) for n in names for x in jax.tree.leaves(state["trainable"][n]["saved"]))
+    return trainable, base + trainable - saved
+
+
+def trainable_parameters_line(model: AdaptedModel, state: AdapterState, frozen: Mapping[str, Any],
+                              name: str | None = None) -> str:
+    """PEFT's `print_trainable_parameters` line."""
+    t, a = count_parameters(model, state, frozen, name)
+    return f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}"
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the array leaves of a pytree (optimizer state accounting)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def cast_tree(tree: Any, dtype: Any) -> Any:
+    """Cast floating leaves (e.g. frozen weights to bfloat16 storage); integer leaves stay."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -1,0 +1,258 @@
+"""Hugging Face PEFT interop, both ways: `adapter_config.json` + `adapter_model.safetensors`.
+
+Imports numpy/safetensors, jaxpeft.loading.convert and sibling adapter modules. Stacked adapter weights are
+split per layer on export and re-stacked on import; flax (n_in, r) / (r, n_out) factors are stored transposed
+as PEFT's (r, n_in) / (n_out, r) for every architecture, GPT-2's Conv1D included.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft.adapters.config import AdapterConfig
+from jaxpeft.adapters.core import AdaptedModel, AdapterState
+from jaxpeft.adapters.method import method_for
+from jaxpeft.loading.errors import CheckpointError
+from jaxpeft.models.namemap import ARCH_NAMES
+
+PEFT_VERSION = "0.21.2"
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "base": "FEATURE_EXTRACTION"}
+PREFIX = "base_model.model."
+
+# per method: (PEFT file key suffix, jaxpeft trainable name, layout) ; layout 'T' = transposed matrix,
+# 'v' = vector as is, 'ia3' = (n_out, 1) or (1, n_in) by the feed-forward flag
+_FILE_KEYS = {
+    "lora": (("lora_A.weight", "lora_A", "T"), ("lora_B.weight", "lora_B", "T")),
+    "dora": (("lora_A.weight", "lora_A", "T"), ("lora_B.weight", "lora_B", "T"),
+             ("lora_magnitude_vector", "lora_magnitude_vector", "v")),
+    "ia3": (("ia3_l", "ia3_l", "ia3"),),
+}
+
+
+def _hf_module_path(model: AdaptedModel, hf_name: str) -> str:
+    """Module path inside the HF model PEFT wraps: bare backbones ('base') have no task-model prefix."""
+    prefix = ARCH_NAMES[model.model_cfg.arch].base_prefix
+    if model.task == "base" and hf_name.startswith(prefix):
+        return hf_name[len(prefix):]
+    return hf_name
+
+
+def _to_file(value: np.ndarray, layout: str, options: dict[str, Any]) -> np.ndarray:
+    if layout == "T":
+        return value.T
+    if layout == "ia3":
+        return value[None, :] if options.get("feedforward") else value[:, None]
+    return value
+
+
+def _from_file(value: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "T":
+        return value.T
+    if layout == "ia3":
+        return value.reshape(-1)
+    return value
+
+
+def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict[str, np.ndarray]:
+    """{PEFT key: array} for adapter `name` (selected layers only; layer masks and scales are not saved)."""
+    spec = model.spec(name)
+    keys = _FILE_KEYS.get(spec.config.method)
+    if keys is None:
+        raise NotImplementedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
+    dense = state["trainable"][name]["dense"]
+    out = {}
+    for t in spec.targets:
+        node = _get(dense, t.flax_module)
+        for j, layer in enumerate(t.layers if t.layered else (None,)):
+            path = PREFIX + _hf_module_path(model, t.hf_name(layer))
+            for suffix, leaf, layout in keys:
+                value = np.asarray(jax.device_get(node[leaf]), np.float32)
+                value = value[layer] if t.layered else value
+                out[f"{path}.{suffix}"] = np.ascontiguousarray(_to_file(value, layout, dict(t.layer_options[j])))
+    saved = state["trainable"][name]["saved"]
+    if saved:
+        from jaxpeft.loading.convert import params_to_hf
+
+        for key, value in params_to_hf(model.model_cfg, model.task, saved).items():
+            out[PREFIX + _hf_module_path(model, key)] = value
+    return out
+
+
+def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The adapter_config.json contents PEFT 0.21.2 reads for adapter `name`."""
+    spec = model.spec(name)
+    cfg = spec.config
+    method = method_for(cfg)
+    targets = cfg.target_modules if cfg.target_modules is not None else method.default_targets(model.model_cfg.arch)
+    common = {
+        "peft_version": PEFT_VERSION, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+        "task_type": TASK_TYPES[model.task], "inference_mode": True,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "exclude_modules": cfg.exclude_modules if isinstance(cfg.exclude_modules, (str, type(None)))
+        else sorted(cfg.exclude_modules),
+        "modules_to_save": list(cfg.modules_to_save) or None,
+        "layers_to_transform": list(cfg.layers_to_transform) if cfg.layers_to_transform is not None else None,
+        "layers_pattern": None,
+        "fan_in_fan_out": model.model_cfg.arch == "gpt2",
+    }
+    if cfg.method in ("lora", "dora"):
+        return {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+                "lora_dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora, "use_dora": cfg.method == "dora",
+                "init_lora_weights": cfg.init_lora_weights, "bias": "none", "lora_bias": False,
+                "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern)}
+    if cfg.method == "ia3":
+        ff = cfg.feedforward_modules if cfg.feedforward_modules is not None else method.default_feedforward(
+            model.model_cfg.arch)
+        return {**common, "peft_type": "IA3", "feedforward_modules": ff if isinstance(ff, str) else sorted(ff),
+                "init_ia3_weights": cfg.init_ia3_weights}
+    raise NotImplementedError(f"PEFT export of method {cfg.method!r} is not supported yet")
+
+
+def export_peft(model: AdaptedModel, state: AdapterState, name: str, out_dir: str | os.PathLike,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` as a PEFT folder (adapter_config.json, adapter_model.safetensors, README.md)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(model, state, name)
+    tmp = out / ".adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "adapter_model.safetensors")
+    cfg = peft_config_dict(model, name, base_model_name_or_path)
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(f"# {name}\n\nA {cfg['peft_type']} adapter exported by jaxpeft for "
+                                   f"PEFT {PEFT_VERSION} (task {cfg['task_type']}).\n")
+    return out
+
+
+def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
+    """A jaxpeft adapter config from an adapter_config.json dict (unsupported non-default options raise)."""
+    peft_type = d.get("peft_type")
+    common = dict(target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
+                  layers_to_transform=d.get("layers_to_transform"), modules_to_save=tuple(d.get("modules_to_save") or ()))
+    if d.get("layers_pattern"):
+        raise NotImplementedError(f"layers_pattern={d['layers_pattern']!r} is not supported; layers are indexed "
+                                  "by the architecture's name map")
+    if peft_type == "LORA":
+        for key, default in (("lora_bias", False), ("bias", "none"), ("kasa_config", None), ("corda_config", None),
+                             ("eva_config", None), ("loftq_config", {}), ("use_qalora", False)):
+            if d.get(key, default) not in (default, None, {}, False, "none"):
+                raise NotImplementedError(f"adapter_config.json {key}={d[key]!r} is not supported yet")
+        init = d.get("init_lora_weights", True)
+        init = init if init in (True, False, "gaussian") else True  # the saved weights overwrite the init anyway
+        kw = dict(common, r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
+                  use_rslora=d.get("use_rslora", False), init_lora_weights=init,
+                  rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {})
+        if d.get("use_dora"):
+            from jaxpeft.adapters.dora import DoraConfig
+
+            return DoraConfig(**kw)
+        from jaxpeft.adapters.lora import LoraConfig
+
+        return LoraConfig(**kw)
+    if peft_type == "IA3":
+        from jaxpeft.adapters.ia3 import IA3Config
+
+        return IA3Config(**common, feedforward_modules=d.get("feedforward_modules"))
+    raise NotImplementedError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, IA3)")
+
+
+def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.PathLike, name: str = "default",
+                rng: jax.Array | None = None) -> tuple[AdaptedModel, AdapterState]:
+    """Load a PEFT adapter folder as adapter `name`: returns the model with it added and its state.
+
+    Lenient where PEFT is: target entries matching nothing are allowed, and unexpected tensors only warn;
+    a tensor missing for an adapted module raises CheckpointError.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise CheckpointError(f"{path}: not a PEFT adapter folder (missing {f.name})")
+    config = config_from_peft(json.loads(cfg_file.read_text()))
+    # PEFT ignores modules_to_save entries the model lacks (it adds both 'classifier' and 'score' for SEQ_CLS)
+    present = tuple(m for m in config.modules_to_save if m in frozen)
+    if present != config.modules_to_save:
+        config = dataclasses.replace(config, modules_to_save=present)
+    model = model.add(name, config, strict=False)
+    state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for truncated files
+        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
+    used: set[str] = set()
+    spec = model.spec(name)
+    keys = _FILE_KEYS[config.method]
+    dense = state["trainable"][name]["dense"]
+    missing = []
+    for t in spec.targets:
+        node = _get(dense, t.flax_module)
+        for leaf_key in [k for _, k, _ in keys]:
+            value = np.array(node[leaf_key])
+            for layer in (t.layers if t.layered else (None,)):
+                base = PREFIX + _hf_module_path(model, t.hf_name(layer))
+                suffix, _, layout = next(k for k in keys if k[1] == leaf_key)
+                key = f"{base}.{suffix}"
+                if key not in tensors:
+                    missing.append(key)
+                    continue
+                used.add(key)
+                w = _from_file(tensors[key].astype(np.float32), layout)
+                target_shape = value.shape[1:] if t.layered else value.shape
+                if w.shape != target_shape:
+                    raise CheckpointError(f"{weights}: {key} has shape {tensors[key].shape}, expected the "
+                                          f"transpose of {target_shape}")
+                if t.layered:
+                    value[layer] = w
+                else:
+                    value = w
+            node[leaf_key] = jnp.asarray(value)
+    saved = state["trainable"][name]["saved"]
+    if saved:
+        from jaxpeft.loading.convert import entries_by_path, flatten_params, unflatten_params
+
+        entries = entries_by_path(model.model_cfg, model.task)
+        flat = flatten_params(saved)
+        for path, old in flat.items():
+            e = entries[path]
+            parts = []
+            for key in e.hf_keys(model.model_cfg.num_layers):
+                key = PREFIX + _hf_module_path(model, key)
+                if key not in tensors:
+                    missing.append(key)
+                    continue
+                used.add(key)
+                parts.append(tensors[key].T if e.transpose else tensors[key])
+            if len(parts) == (model.model_cfg.num_layers if e.layered else 1):
+                w = np.stack(parts) if e.layered else parts[0]
+                if w.shape != old.shape:
+                    raise CheckpointError(f"{weights}: modules_to_save tensor for {path} has shape {w.shape} "
+                                          f"(after layout rule), the model needs {old.shape}")
+                flat[path] = jnp.asarray(w, dtype=old.dtype)
+        state["trainable"][name]["saved"] = unflatten_params(flat)
+    if missing:
+        raise CheckpointError(f"{weights}: missing tensors for adapted modules: {missing[:10]}"
+                              + (f" ... ({len(missing)} in all)" if len(missing) > 10 else ""))
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        warnings.warn(f"{weights}: {len(unexpected)} tensors were not used: {unexpected[:5]}")
+    return model, state
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for p in path.split("/"):
+        node = node[p]
+    return node
