@@ -112,8 +112,10 @@ def _droppable(cfg: ModelConfig, task: str) -> Callable[[str], bool]:
     drop = []
     if cfg.tie_word_embeddings or task != "causal_lm":
         drop.append("lm_head.")  # tied copy, or an LM head under a classification task
-    if not cfg.add_pooler or task in ("token_cls", "causal_lm"):
+    if not cfg.add_pooler or task in ("token_cls", "causal_lm") or (cfg.arch == "roberta" and task != "base"):
         drop.append(prefix + "pooler.")
+    if cfg.arch in ("bert", "roberta"):  # pre-training heads (MLM / NSP), dropped for fine-tuning as HF does
+        drop += [prefix + "cls.", prefix + "lm_head."]
     if task != "seq_cls" and task != "token_cls":
         drop += ["score.", "classifier."]
     return lambda k: k.startswith(tuple(drop))

@@ -66,8 +66,6 @@ class ModelConfig:
     # encoder (bert/roberta) switches
     type_vocab_size: int = 2
     pad_token_id: int | None = None
-    position_offset: int = 0
-    """Learned-position index offset: RoBERTa positions start at padding_idx + 1."""
     add_pooler: bool = True
 
     # special ids (informational; generation and pooling read them)
@@ -201,10 +199,17 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
         if mt == "gemma3_text":
             if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
                 raise NotImplementedError("gemma logit soft-capping is not supported")
+            if hf.get("use_bidirectional_attention"):
+                raise NotImplementedError("gemma3 use_bidirectional_attention=True is not supported")
             local_theta, _ = _rope(hf, "sliding_attention")
+            layer_types = hf.get("layer_types")
+            pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
+            if not layer_types and pattern:  # transformers < 4.53 configs: every pattern-th layer is full
+                layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                               for i in range(hf["num_hidden_layers"])]
             out.update(qk_norm=True, norm_offset=1.0, embed_scale=True, sandwich_norm=True,
                        sliding_window=hf.get("sliding_window"), rope_local_theta=local_theta,
-                       layer_types=tuple(hf["layer_types"]) if hf.get("layer_types") else None,
+                       layer_types=tuple(layer_types) if layer_types else None,
                        query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
                        qkv_bias=hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False))
         theta, factor = _rope(hf, "full_attention" if mt == "gemma3_text" else None)
@@ -230,7 +235,6 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
                    intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
                    norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=_act(hf.get("hidden_act", "gelu")),
                    type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=pad,
-                   position_offset=(pad + 1) if mt == "roberta" else 0,
                    hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
                    attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
                    classifier_dropout=hf.get("classifier_dropout"), tie_word_embeddings=False)

@@ -115,8 +115,8 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.norm_eps, cfg.norm_offset, **dt)
         if self.task == "causal_lm" and not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.vocab_size, False, ("embed", "vocab"), **dt)
-        if self.task in ("seq_cls", "token_cls"):
-            self.score = Dense(cfg.num_labels, False, ("embed", "labels"), **dt)
+        if self.task in ("seq_cls", "token_cls"):  # HF: seq_cls score has no bias, token_cls score has one
+            self.score = Dense(cfg.num_labels, self.task == "token_cls", ("embed", "labels"), **dt)
         self.layers = layer_stack(DecoderBlock, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat)(cfg)
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,

@@ -82,8 +82,10 @@ class GPT2Model(nn.Module):
         self.h = layer_stack(GPT2Block, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat)(cfg)
         if self.task == "causal_lm" and not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.vocab_size, False, ("embed", "vocab"), **dt)
-        if self.task in ("seq_cls", "token_cls"):
+        if self.task == "seq_cls":
             self.score = Dense(cfg.num_labels, False, ("embed", "labels"), **dt)
+        if self.task == "token_cls":  # HF GPT2ForTokenClassification: `classifier` with bias, after dropout
+            self.classifier = Dense(cfg.num_labels, True, ("embed", "labels"), **dt)
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
                  positions_bt: jax.Array | None = None, cache: KVCache | None = None,
@@ -118,5 +120,5 @@ class GPT2Model(nn.Module):
         if self.task == "seq_cls":
             return self.score(last_token_pool(hidden_btd, attention_mask_bt)).astype(jnp.float32)
         if self.task == "token_cls":
-            return self.score(hidden_btd).astype(jnp.float32)
+            return self.classifier(hidden_btd).astype(jnp.float32)
         return None

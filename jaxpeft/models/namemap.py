@@ -40,7 +40,7 @@ ARCH_NAMES: dict[str, ArchNames] = {
     "llama": ArchNames("model.", ("layers", "layers.{i}"), ("lm_head", "score")),
     "qwen2": ArchNames("model.", ("layers", "layers.{i}"), ("lm_head", "score")),
     "gemma3_text": ArchNames("model.", ("layers", "layers.{i}"), ("lm_head", "score")),
-    "gpt2": ArchNames("transformer.", ("h", "h.{i}"), ("lm_head", "score"),
+    "gpt2": ArchNames("transformer.", ("h", "h.{i}"), ("lm_head", "score", "classifier"),
                       conv1d=("h/attn/c_attn", "h/attn/c_proj", "h/mlp/c_fc", "h/mlp/c_proj")),
     "bert": ArchNames("bert.", ("encoder/layer", "encoder.layer.{i}"), ("classifier",)),
     "roberta": ArchNames("roberta.", ("encoder/layer", "encoder.layer.{i}"), ("classifier",)),
