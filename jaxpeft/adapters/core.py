@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import method_for
-from jaxpeft.adapters.targeting import ModuleTarget, resolve_targets
+from jaxpeft.adapters.targeting import DenseModule, ModuleTarget, dense_modules, generic_dense_modules, resolve_targets
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.layers import Dense
 
@@ -50,19 +50,33 @@ class AdapterSpec:
 class AdaptedModel:
     """A linen model plus named adapters. Immutable and hashable: use it as a static jit argument.
 
-    module: any linen module whose dense layers are `jaxpeft.models.layers.Dense` and that has `.cfg`
-    (ModelConfig) and `.task` (our backbones), or pass model_cfg/task for the name map explicitly.
+    module: a jaxpeft backbone (targets are HF module paths from its name map), or any linen model whose
+    dense layers are `flax.linen.Dense` / `jaxpeft.models.layers.Dense` (targets are its '.'-joined flax
+    module paths; build it with `AdaptedModel.wrap_any`).
     """
 
     module: nn.Module
-    model_cfg: ModelConfig
-    task: str
+    model_cfg: ModelConfig | None
+    task: str | None
     adapters: tuple[AdapterSpec, ...] = ()
+    modules: tuple[DenseModule, ...] = ()
+    init_inputs: tuple[tuple[tuple[int, ...], str], ...] = (((1, 2), "int32"),)
+    """(shape, dtype) of the positional inputs used to trace the model when adapters are created."""
 
     @classmethod
     def wrap(cls, module: nn.Module, model_cfg: ModelConfig | None = None, task: str | None = None) -> AdaptedModel:
-        """Start with no adapters."""
-        return cls(module, model_cfg or module.cfg, task or module.task)
+        """A jaxpeft backbone with no adapters yet."""
+        cfg, task = model_cfg or module.cfg, task or module.task
+        return cls(module, cfg, task, modules=dense_modules(cfg, task))
+
+    @classmethod
+    def wrap_any(cls, module: nn.Module, *example_inputs: Any) -> AdaptedModel:
+        """Any linen model, traced once on `example_inputs` (arrays or ShapeDtypeStructs) to find its dense
+        layers. Method defaults do not apply: give `target_modules` explicitly."""
+        shapes = tuple((tuple(x.shape), str(jnp.dtype(x.dtype))) for x in example_inputs)
+        abstract = jax.eval_shape(module.init, jax.random.key(0),
+                                  *[jax.ShapeDtypeStruct(s, d) for s, d in shapes])["params"]
+        return cls(module, None, None, modules=generic_dense_modules(abstract), init_inputs=shapes)
 
     # ---- adapter set -------------------------------------------------------------------------------
     @property
@@ -82,13 +96,17 @@ class AdaptedModel:
         if not name or any(c in name for c in "/:"):
             raise ValueError(f"adapter name {name!r}: must be non-empty without '/' or ':'")
         method = method_for(config)
-        targets = config.target_modules if config.target_modules is not None else method.default_targets(
-            self.model_cfg.arch)
+        targets = config.target_modules
+        if targets is None:
+            if self.model_cfg is None:
+                raise ValueError(f"adapter {name!r}: this is not a jaxpeft backbone, so there are no default "
+                                 "targets; set target_modules (module paths such as 'blocks.mlp.fc1')")
+            targets = method.default_targets(self.model_cfg.arch)
 
         def options(hf_name: str) -> dict[str, Any]:
             return {**config.options_for(hf_name), **method.extra_options(config, hf_name)}
 
-        resolved = resolve_targets(self.model_cfg, self.task, targets, exclude=config.exclude_modules,
+        resolved = resolve_targets(self.modules, targets, exclude=config.exclude_modules,
                                    layers=config.layers_to_transform, options=options, strict=strict)
         for t in resolved:
             ranks = {dict(o).get("r") for o in t.layer_options}
@@ -113,8 +131,8 @@ class AdaptedModel:
         def run(frozen, rng):
             icpt = _Interceptor(specs, None, None, deterministic=True, init_mode=True)
             with nn.intercept_methods(icpt):
-                _, variables = self.module.apply({"params": frozen}, jnp.zeros((1, 2), jnp.int32), mutable=cols,
-                                                 rngs={"adapter": rng})
+                inputs = [jnp.zeros(shape, dtype) for shape, dtype in self.init_inputs]
+                _, variables = self.module.apply({"params": frozen}, *inputs, mutable=cols, rngs={"adapter": rng})
             return variables
 
         variables = jax.jit(run)(frozen, rng)
@@ -207,7 +225,7 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         m = context.module
-        if context.method_name != "__call__" or not isinstance(m, Dense):
+        if context.method_name != "__call__" or not isinstance(m, (Dense, nn.Dense)):
             return next_fun(*args, **kwargs)
         hits = self.by_path.get("/".join(m.path))
         if not hits:
@@ -246,10 +264,11 @@ class _Interceptor:
         return y
 
 
-def _dense(m: Dense, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """What Dense.__call__ computes, for methods that rerun the base layer on a changed input ((IA)^3 FF)."""
-    y = jnp.dot(x.astype(m.dtype), kernel.astype(m.dtype))
-    return y if bias is None else y + bias.astype(m.dtype)
+def _dense(m: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """What the dense layer computes, for methods that rerun the base layer on a changed input ((IA)^3 FF)."""
+    dtype = m.dtype or jnp.result_type(x, kernel)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
 
 
 def _accepts_deterministic(module: nn.Module, method: Any) -> bool:

@@ -60,7 +60,7 @@ class Dora(DenseMethod):
             # no dropout: x W0 is the base output minus the bias (PEFT reuses base_result the same way)
             xw = base_out.astype(jnp.float32)
             if bias is not None:
-                xw = xw - bias.astype(jnp.float32)
+                pass
         else:
             dt = base_out.dtype
             xw = jnp.dot(xd.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)

@@ -1,7 +1,10 @@
-"""Resolve an adapter config's targets to concrete modules, matched on canonical per-layer HF module paths.
+"""Resolve an adapter config's targets to concrete modules, matched on canonical per-layer module paths.
 
-Imports jaxpeft.models (the name map) only. The same plan serves scanned and unrolled backbones: per-layer
-choices become per-layer values (a layer mask, per-layer scales) carried with the adapter.
+Imports jax and jaxpeft.models (the name map) only. For jaxpeft backbones the canonical path is the Hugging
+Face module path (`model.layers.3.self_attn.q_proj`); for any other linen model it is the flax module path
+with '.' separators, a layer index inserted after the first component for kernels stacked by `nn.scan`
+(`blocks.3.mlp.fc1`). The same plan serves scanned and unrolled models: per-layer choices become per-layer
+values (a layer mask, per-layer scales) carried with the adapter.
 """
 from __future__ import annotations
 
@@ -44,20 +47,45 @@ class ModuleTarget:
 
 @dataclass(frozen=True)
 class DenseModule:
+    """A targetable dense layer: flax module path, canonical name template ('{i}' = layer), kernel shape."""
+
     flax_module: str
     hf_module: str
     layered: bool
+    num_layers: int
     n_in: int
     n_out: int
 
 
-def dense_modules(cfg: ModelConfig, task: str) -> list[DenseModule]:
-    """Every targetable dense module of the model, from the name map."""
+def dense_modules(cfg: ModelConfig, task: str) -> tuple[DenseModule, ...]:
+    """Every targetable dense module of a jaxpeft backbone, from its name map (HF module names)."""
     out = []
     for e in name_map(cfg, task):
         if e.flax_path.endswith("/kernel"):
-            out.append(DenseModule(e.flax_module, e.hf_module, e.layered, e.shape[-2], e.shape[-1]))
-    return out
+            out.append(DenseModule(e.flax_module, e.hf_module, e.layered, e.shape[0] if e.layered else 1,
+                                   e.shape[-2], e.shape[-1]))
+    return tuple(out)
+
+
+def generic_dense_modules(abstract_params: Any) -> tuple[DenseModule, ...]:
+    """Every 'kernel' leaf of any linen model's params (2-D: a plain layer; 3-D: stacked by nn.scan)."""
+    import flax.linen as nn
+    import jax
+
+    out = []
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    for path, leaf in leaves:
+        keys = [str(getattr(p, "key", p)) for p in path]
+        shape = (leaf.value if isinstance(leaf, nn.Partitioned) else leaf).shape
+        if keys[-1] != "kernel" or len(shape) not in (2, 3):
+            continue
+        mod = keys[:-1]
+        layered = len(shape) == 3
+        name = ".".join(mod[:1] + ["{i}"] + mod[1:]) if layered else ".".join(mod)
+        out.append(DenseModule("/".join(mod), name, layered, shape[0] if layered else 1, shape[-2], shape[-1]))
+    if not out:
+        raise ValueError("this model has no dense layer to adapt (no 2-D or scan-stacked 3-D 'kernel' param)")
+    return tuple(out)
 
 
 def matches(spec: str | tuple[str, ...] | None, name: str) -> bool:
@@ -70,38 +98,39 @@ def matches(spec: str | tuple[str, ...] | None, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
-def concrete_names(m: DenseModule, num_layers: int) -> list[tuple[int | None, str]]:
+def concrete_names(m: DenseModule) -> list[tuple[int | None, str]]:
     if m.layered:
-        return [(i, m.hf_module.format(i=i)) for i in range(num_layers)]
+        return [(i, m.hf_module.format(i=i)) for i in range(m.num_layers)]
     return [(None, m.hf_module)]
 
 
-def resolve_targets(cfg: ModelConfig, task: str, targets: str | tuple[str, ...], *,
+def resolve_targets(mods: tuple[DenseModule, ...], targets: str | tuple[str, ...], *,
                     exclude: str | tuple[str, ...] | None = None, layers: tuple[int, ...] | None = None,
                     options=lambda hf_name: {}, strict: bool = True) -> tuple[ModuleTarget, ...]:
     """The modules `targets` selects, each with its selected layers and per-layer options.
 
-    options(hf_name) -> dict gives per-module overrides. strict: every list entry (or the regex) must match
-    at least one module, else ValueError naming the entry and close candidates; not strict (PEFT file
-    import): only the whole selection must be non-empty.
+    mods: the model's dense modules (`dense_modules` or `generic_dense_modules`). options(name) -> dict gives
+    per-module overrides. strict: every list entry (or the regex) must match at least one module, else
+    ValueError naming the entry and close candidates; not strict (PEFT file import): only the whole selection
+    must be non-empty.
     """
-    mods = dense_modules(cfg, task)
-    all_names = [n for m in mods for _, n in concrete_names(m, cfg.num_layers)]
+    all_names = [n for m in mods for _, n in concrete_names(m)]
+    num_layers = max((m.num_layers for m in mods if m.layered), default=0)
     if layers is not None:
-        bad = [i for i in layers if not 0 <= i < cfg.num_layers]
+        bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"layers_to_transform={list(layers)}: layer indices {bad} out of range "
-                             f"(the model has {cfg.num_layers} layers, 0..{cfg.num_layers - 1})")
+                             f"(the model has {num_layers} layers, 0..{max(num_layers - 1, 0)})")
     if strict:
         entries = [targets] if isinstance(targets, str) else list(targets)
         for entry in entries:
             spec = entry if isinstance(targets, str) else (entry,)
             if not any(matches(spec, n) for n in all_names):
-                raise ValueError(_no_match_message(entry, all_names, cfg))
+                raise ValueError(_no_match_message(entry, all_names))
     out = []
     for m in mods:
         chosen, opts = [], []
-        for i, name in concrete_names(m, cfg.num_layers):
+        for i, name in concrete_names(m):
             if not matches(targets, name) or matches(exclude, name):
                 continue
             if layers is not None and (i is None or i not in layers):
@@ -109,12 +138,11 @@ def resolve_targets(cfg: ModelConfig, task: str, targets: str | tuple[str, ...],
             chosen.append(i)
             opts.append(tuple(sorted(options(name).items())))
         if chosen:
-            out.append(ModuleTarget(m.flax_module, m.hf_module, m.layered, cfg.num_layers if m.layered else 1,
+            out.append(ModuleTarget(m.flax_module, m.hf_module, m.layered, m.num_layers,
                                     tuple(i for i in chosen if i is not None), m.n_in, m.n_out, tuple(opts)))
     if not out:
         raise ValueError(f"target_modules={targets!r} (exclude_modules={exclude!r}, layers_to_transform={layers}) "
-                         f"selects no module of this {cfg.arch} model; module names look like "
-                         f"{_examples(all_names)}")
+                         f"selects no module of this model; module names look like {_examples(all_names)}")
     return tuple(out)
 
 
@@ -123,10 +151,11 @@ def _examples(names: list[str]) -> str:
     return ", ".join(layer0[:12])
 
 
-def _no_match_message(entry: str, names: list[str], cfg: ModelConfig) -> str:
-    suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)})
+def _no_match_message(entry: str, names: list[str]) -> str:
+    suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)
+                       if not n.split(".")[-k].isdigit()})
     close = difflib.get_close_matches(entry, suffixes, n=5, cutoff=0.5)
     hint = f"close candidates: {', '.join(close)}" if close else f"module names look like {_examples(names)}"
-    return (f"target_modules entry {entry!r} matches no module of this {cfg.arch} model; {hint}. "
-            "Entries are suffixes of Hugging Face module paths (e.g. 'q_proj', 'attention.self.query') or one "
-            "regex string matched against the whole path")
+    return (f"target_modules entry {entry!r} matches no module of this model; {hint}. "
+            "Entries are suffixes of module paths (e.g. 'q_proj', 'attention.self.query') or one regex "
+            "string matched against the whole path")
