@@ -153,7 +153,7 @@ def _examples(names: list[str]) -> str:
 
 def _no_match_message(entry: str, names: list[str]) -> str:
     suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)
-                       if not n.split(".")[-k].isdigit()})
+                       if len(n.split(".")) >= k and not n.split(".")[-k].isdigit()})
     close = difflib.get_close_matches(entry, suffixes, n=5, cutoff=0.5)
     hint = f"close candidates: {', '.join(close)}" if close else f"module names look like {_examples(names)}"
     return (f"target_modules entry {entry!r} matches no module of this model; {hint}. "
