@@ -3,11 +3,13 @@
 May import jaxpeft.models and jaxpeft.loading; never training code. `AdaptedModel` is the entry point;
 each method (LoRA, DoRA, (IA)^3, ...) is one module registering itself in `method.METHODS`.
 """
-from jaxpeft.adapters import lora as _lora  # noqa: F401  (registers the method)
+from jaxpeft.adapters import full as _full  # noqa: F401  (each import registers its method)
+from jaxpeft.adapters import lora as _lora  # noqa: F401
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import ALL, AdaptedModel, AdapterState, drop_adapter
+from jaxpeft.adapters.full import FullConfig
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import METHODS, DenseMethod, register
 
-__all__ = ["ALL", "AdaptedModel", "AdapterConfig", "AdapterState", "DenseMethod", "LoraConfig", "METHODS",
+__all__ = ["ALL", "AdaptedModel", "AdapterConfig", "AdapterState", "DenseMethod", "FullConfig", "LoraConfig", "METHODS",
            "drop_adapter", "register"]

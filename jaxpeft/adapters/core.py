@@ -96,6 +96,8 @@ class AdaptedModel:
         if not name or any(c in name for c in "/:"):
             raise ValueError(f"adapter name {name!r}: must be non-empty without '/' or ':'")
         method = method_for(config)
+        if config.method == "full":  # no interception: whole modules are trained (see init)
+            return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, ()),))
         targets = config.target_modules
         if targets is None:
             if self.model_cfg is None:
@@ -126,10 +128,13 @@ class AdaptedModel:
         specs = [s for s in self.adapters if names is None or s.name in names]
         if not specs:
             raise ValueError("no adapter to initialise: add one with AdaptedModel.add(name, config)")
-        cols = [c for s in specs for c in (trainable_collection(s.name), extras_collection(s.name))]
+        dense_specs = [s for s in specs if s.targets]
+        cols = [c for s in dense_specs for c in (trainable_collection(s.name), extras_collection(s.name))]
 
         def run(frozen, rng):
-            icpt = _Interceptor(specs, None, None, deterministic=True, init_mode=True)
+            if not dense_specs:
+                return {}
+            icpt = _Interceptor(dense_specs, None, None, deterministic=True, init_mode=True)
             with nn.intercept_methods(icpt):
                 inputs = [jnp.zeros(shape, dtype) for shape, dtype in self.init_inputs]
                 _, variables = self.module.apply({"params": frozen}, *inputs, mutable=cols, rngs={"adapter": rng})
@@ -140,7 +145,8 @@ class AdaptedModel:
         for s in specs:
             extras = _set_layer_values(s, variables.get(extras_collection(s.name), {}))
             saved = {}
-            for mod in s.config.modules_to_save:
+            modules = s.config.modules_to_save or (tuple(frozen) if s.config.method == "full" else ())
+            for mod in modules:
                 if mod not in frozen:
                     raise ValueError(f"modules_to_save entry {mod!r} is not a top-level module of this model "
                                      f"(have {sorted(frozen)})")
@@ -172,7 +178,8 @@ class AdaptedModel:
                                  "per-example adapter_index")
             params.update(saved[0])
         variables: dict[str, Any] = {"params": params}
-        for n in names:
+        specs = [s for s in specs if s.targets]
+        for n in (s.name for s in specs):
             variables[trainable_collection(n)] = state["trainable"][n]["dense"]
             variables[extras_collection(n)] = state["extras"][n]
         kw = dict(kwargs, deterministic=deterministic) if _accepts_deterministic(self.module, method) else kwargs
@@ -205,7 +212,7 @@ class AdaptedModel:
                 shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(node.items()))
                 layers = f"layers {_ranges(t.layers)}" if t.layered else "no layer axis"
                 lines.append(f"  {t.hf_module}  [{t.n_in}->{t.n_out}; {layers}]  {shapes}")
-            for mod in s.config.modules_to_save:
+            for mod in (state or {}).get("trainable", {}).get(s.name, {}).get("saved", {}) or s.config.modules_to_save:
                 lines.append(f"  {mod}  (trained in full)")
         return "\n".join(lines)
 

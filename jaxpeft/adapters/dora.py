@@ -60,7 +60,7 @@ class Dora(DenseMethod):
             # no dropout: x W0 is the base output minus the bias (PEFT reuses base_result the same way)
             xw = base_out.astype(jnp.float32)
             if bias is not None:
-                pass
+                xw = xw - bias.astype(jnp.float32)
         else:
             dt = base_out.dtype
             xw = jnp.dot(xd.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
@@ -71,7 +71,7 @@ class Dora(DenseMethod):
         a, b = trainable["lora_A"], trainable["lora_B"]
         w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
         mag_norm_scale = trainable["lora_magnitude_vector"].astype(jnp.float32) / weight_norm(kernel, a, b, scale)
-        return w * mag_norm_scale[None, :], None if bias is None else bias.astype(jnp.float32)
+        return w, None if bias is None else bias.astype(jnp.float32)
 
 
 register(Dora())
