@@ -105,8 +105,10 @@ class AdaptedModel:
                                  "targets; set target_modules (module paths such as 'blocks.mlp.fc1')")
             targets = method.default_targets(self.model_cfg.arch)
 
+        arch = self.model_cfg.arch if self.model_cfg is not None else None
+
         def options(hf_name: str) -> dict[str, Any]:
-            return {**config.options_for(hf_name), **method.extra_options(config, hf_name)}
+            return {**config.options_for(hf_name), **method.extra_options(config, hf_name, arch=arch)}
 
         resolved = resolve_targets(self.modules, targets, exclude=config.exclude_modules,
                                    layers=config.layers_to_transform, options=options, strict=strict)

@@ -71,7 +71,7 @@ class Dora(DenseMethod):
         a, b = trainable["lora_A"], trainable["lora_B"]
         w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
         mag_norm_scale = trainable["lora_magnitude_vector"].astype(jnp.float32) / weight_norm(kernel, a, b, scale)
-        return w, None if bias is None else bias.astype(jnp.float32)
+        return w * mag_norm_scale[None, :], None if bias is None else bias.astype(jnp.float32)
 
 
 register(Dora())

@@ -22,6 +22,7 @@ DEFAULT_TARGETS = {
     "gemma3_text": ("q_proj", "v_proj", "down_proj"), "bert": ("key", "value", "output.dense"),
     "roberta": ("key", "value", "output.dense"), "gpt2": ("c_attn", "mlp.c_proj"),
 }
+_UNSET: Any = object()
 DEFAULT_FEEDFORWARD = {
     "llama": ("down_proj",), "qwen2": ("down_proj",), "gemma3_text": ("down_proj",), "bert": ("output.dense",),
     "roberta": ("output.dense",), "gpt2": ("mlp.c_proj",),
@@ -82,12 +83,21 @@ class IA3(DenseMethod):
     def default_feedforward(self, arch: str) -> tuple[str, ...]:
         return DEFAULT_FEEDFORWARD[arch]
 
-    def extra_options(self, cfg, hf_name):
+    def extra_options(self, cfg, hf_name, arch: Any = _UNSET):
+        """{'feedforward': bool} for one module. arch: the backbone's architecture, None for a model that is not
+        a jaxpeft backbone (then feedforward_modules must be given, as PEFT requires for unknown model types)."""
         if cfg.feedforward_modules is not None:
             return {"feedforward": is_feedforward(cfg.feedforward_modules, hf_name)}
-        # The per-arch default. extra_options does not see the architecture, but the default feed-forward names
-        # of the supported architectures never name another architecture's module (down_proj, mlp.c_proj,
-        # output.dense), so the union of the defaults flags exactly the arch's own (checked in the tests).
+        if arch is None:
+            raise ValueError("IA3Config.feedforward_modules=None: this model is not a jaxpeft backbone, so there is "
+                             "no default; set feedforward_modules (a subset of target_modules, possibly empty)")
+        if arch is not _UNSET:
+            if arch not in DEFAULT_FEEDFORWARD:
+                raise ValueError(f"IA3Config.feedforward_modules=None: no PEFT default for arch {arch!r}; set it")
+            return {"feedforward": is_feedforward(DEFAULT_FEEDFORWARD[arch], hf_name)}
+        # Called without the architecture: the default feed-forward names of the supported architectures never
+        # name another architecture's module (down_proj, mlp.c_proj, output.dense), so the union of the defaults
+        # flags exactly the arch's own (checked in the tests).
         return {"feedforward": any(is_feedforward(ff, hf_name) for ff in DEFAULT_FEEDFORWARD.values())}
 
     def init(self, cfg, options, kernel, bias, rng):

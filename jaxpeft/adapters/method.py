@@ -33,8 +33,9 @@ class DenseMethod:
         """The adapter output scale for one module/layer (1.0 when the method has none)."""
         return 1.0
 
-    def extra_options(self, cfg: AdapterConfig, hf_name: str) -> dict[str, Any]:
-        """Per-module options beyond rank/alpha patterns (e.g. (IA)^3's feed-forward flag)."""
+    def extra_options(self, cfg: AdapterConfig, hf_name: str, arch: str | None = None) -> dict[str, Any]:
+        """Per-module options beyond rank/alpha patterns (e.g. (IA)^3's feed-forward flag); arch is None for
+        models that are not jaxpeft backbones."""
         return {}
 
     def init(self, cfg: AdapterConfig, options: dict[str, Any], kernel: jax.Array, bias: jax.Array | None,

@@ -224,6 +224,11 @@ def test_dora_forward_formula_and_dropout_path():
         expected = (mn - 1) * (xd @ kernel) + mn * s * (xd @ a @ b)
         assert_close(delta, expected, max_abs=1e-4, rel=1e-6, what="dora delta")
     k2, b2 = Dora().merge(cfg, {}, j(kernel), j(bias), tr, {}, j(s))
+    init_tr, init_ex = Dora().init(DoraConfig(r=r, init_lora_weights=False), {}, j(kernel), j(bias), jax.random.key(0))
+    assert init_ex == {} and np.any(np.asarray(init_tr["lora_B"]))
+    ia, ib = np.asarray(init_tr["lora_A"], np.float64), np.asarray(init_tr["lora_B"], np.float64)
+    assert_close(init_tr["lora_magnitude_vector"], np.linalg.norm(kernel + (8.0 / r) * ia @ ib, axis=0), max_abs=1e-5,
+                 what="m init = column norms of W0 + s A B")
     assert_close(k2, w * mn, max_abs=1e-5, what="dora merged kernel")
     assert_close(b2, j(bias), max_abs=0.0, what="dora bias unchanged")
     assert_close(weight_norm(j(kernel), j(a), j(b), s), np.linalg.norm(w, axis=0), max_abs=1e-5, what="norm")
@@ -270,6 +275,7 @@ def test_dora_trainable_count_matches_peft_on_bert_base_shapes():
 def test_dora_config():
     cfg = DoraConfig(r=4, target_modules=["q_proj"])
     assert cfg.method == "dora" and cfg.target_modules == ("q_proj",)
+    hash(cfg)  # a static jit argument
     assert isinstance(cfg, LoraConfig) and METHODS["dora"].config_cls is DoraConfig
     assert Dora().default_targets("llama") == ("q_proj", "v_proj")
     with pytest.raises(ValueError, match="r=0"):
