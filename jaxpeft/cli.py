@@ -1,4 +1,4 @@
-"""The `jaxpeft` command line: thin verbs over the library (download, generate; training verbs come later).
+"""The `jaxpeft` command line: thin verbs over the library (download, generate, train, eval, export, merge).
 
 Imports jaxpeft lazily per verb so `jaxpeft --help` and `jaxpeft download` start fast.
 """
@@ -43,6 +43,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         pre = load_pretrained(args.checkpoint, dtype=args.dtype)
+        model_fn, params, key = None, pre.params, None
+        if args.adapter:
+            from jaxpeft.adapters import AdaptedModel
+            from jaxpeft.adapters.peft_io import import_peft
+
+            model, state = import_peft(AdaptedModel.wrap(pre.module), pre.params, args.adapter)
+            if args.merge:
+                from jaxpeft.adapters.merge import merge
+
+                params, _ = merge(model, pre.params, state, "default")
+            else:
+                def model_fn(p, ids, mask, cache):
+                    return model.apply(p[0], p[1], ids, mask, cache=cache)
+                params, key = (pre.params, state), (model, "adapted")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -56,11 +70,69 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     ids = [tok.encode(p) for p in prompts]
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    outs = generate(pre.module, pre.params, ids, max_new_tokens=args.max_new_tokens,
+    outs = generate(pre.module, params, ids, max_new_tokens=args.max_new_tokens,
                     eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id or 0,
-                    sampling=sampling, seed=args.seed)
+                    sampling=sampling, seed=args.seed, model_fn=model_fn, cache_key=key)
     for out in outs:
         print(tok.decode(out, skip_special_tokens=True))
+    return 0
+
+
+def _errors():
+    from jaxpeft.loading.errors import CheckpointError
+    from jaxpeft.train.config import ConfigError
+    from jaxpeft.train.data import DataError
+
+    return (ConfigError, DataError, CheckpointError)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _enable_compilation_cache()
+    from jaxpeft.train.run import TrainingDiverged, run
+
+    try:
+        run(args.config, args.set)
+    except (*_errors(), TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    _enable_compilation_cache()
+    from jaxpeft.train.run import evaluate
+
+    try:
+        metrics = evaluate(args.config, args.set, adapter=args.adapter, step=args.step)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for k, v in metrics.items():
+        print(f"{k}={v:.4f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Checkpoint of a run -> PEFT folder."""
+    from jaxpeft.train.run import export_checkpoint
+
+    try:
+        print(export_checkpoint(args.config, args.out, step=args.step, overrides=args.set))
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    """Base checkpoint + PEFT adapter -> a merged Hugging Face folder (config.json + model.safetensors)."""
+    from jaxpeft.train.run import merge_to_folder
+
+    try:
+        print(merge_to_folder(args.checkpoint, args.adapter, args.out, task=args.task))
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -86,7 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    g.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
     g.set_defaults(func=_cmd_generate)
+
+    def with_config(p):
+        p.add_argument("config", help="run config YAML (e.g. configs/quickstart.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=20 (repeatable)")
+        return p
+
+    t = with_config(sub.add_parser("train", help="train an adapter as the config says (resumes when possible)"))
+    t.set_defaults(func=_cmd_train)
+    e = with_config(sub.add_parser("eval", help="evaluate a run's adapter on the config's evaluation split"))
+    e.add_argument("--adapter", default=None, help="a PEFT adapter folder (default: the run's latest checkpoint)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    e.set_defaults(func=_cmd_eval)
+    x = with_config(sub.add_parser("export", help="write a run checkpoint as a Hugging Face PEFT adapter folder"))
+    x.add_argument("--out", required=True)
+    x.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    x.set_defaults(func=_cmd_export)
+    m = sub.add_parser("merge", help="merge a PEFT adapter into its base and save a Hugging Face folder")
+    m.add_argument("checkpoint", help="base checkpoint (folder, .gguf, asset name, hub id)")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--task", default="causal_lm", choices=["causal_lm", "seq_cls", "token_cls", "base"])
+    m.set_defaults(func=_cmd_merge)
     return parser
 
 

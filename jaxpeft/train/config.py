@@ -1,0 +1,264 @@
+"""Typed run configuration: YAML maps one to one onto these frozen pydantic models.
+
+Imports pydantic/yaml and jaxpeft.adapters (to validate the adapter section against the method's own
+config class). Every error names the offending key as a dotted path (`train.lr`) and says what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ModelSection(_Section):
+    """The pretrained backbone."""
+
+    checkpoint: str = Field(description="HF folder, .gguf file, jaxpeft asset name, or hub id")
+    task: Literal["causal_lm", "seq_cls", "token_cls", "multiple_choice"] = "causal_lm"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype."""
+    param_dtype: Literal["float32", "bfloat16"] | None = None
+    """Storage dtype of the frozen weights (default: dtype). Adapter weights always stay float32."""
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    """Activation rematerialisation per layer (jax.checkpoint policy)."""
+
+
+class AdapterSection(_Section):
+    """The PEFT method and its hyper-parameters (any field of the method's config class)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str = "lora"
+
+    def build(self) -> Any:
+        """The method's AdapterConfig; unknown or mistyped fields raise ConfigError naming `adapter.<key>`."""
+        from jaxpeft.adapters import METHODS
+
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, list(METHODS), n=3)
+            raise ConfigError(f"adapter.method={self.method!r}: unknown method; registered: {sorted(METHODS)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        cls = METHODS[self.method].config_cls
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs = dict(self.model_extra or {})
+        for key in kwargs:
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=3)
+                raise ConfigError(f"adapter.{key}: not a {self.method} option"
+                                  + (f" (did you mean {close[0]!r}?)" if close else "")
+                                  + f"; options: {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in kwargs.items():
+            if isinstance(value, dict):
+                continue  # rank_pattern / alpha_pattern: normalised by the config class itself
+            try:  # scalars strictly (no "8" for an int), lists leniently (YAML lists -> tuples)
+                TypeAdapter(hints[key]).validate_python(value, strict=not isinstance(value, list))
+            except ValidationError:
+                raise ConfigError(f"adapter.{key}={value!r}: expected {_type_name(hints[key])}") from None
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"adapter: {e}") from e
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+class DataSection(_Section):
+    """Where the rows come from and how they become token ids."""
+
+    path: str | None = None
+    """Folder with {train,validation,test}.jsonl (or .csv/.parquet), or a `datasets` hub name."""
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_train_rows: int | None = Field(default=None, gt=0)
+    max_eval_rows: int | None = Field(default=None, gt=0)
+    max_length: int = Field(default=128, gt=0)
+    """Longest tokenized example; longer rows are an error unless truncate is true."""
+    truncate: bool = False
+    buckets: tuple[int, ...] = (32, 64, 128)
+    """Padded lengths (jit compiles once per bucket); rows go to the smallest bucket that fits."""
+    prompt_format: Literal["plain", "chat"] = "plain"
+    """'plain': prompt + ' ' + response; 'chat': the checkpoint's chat template around the prompt."""
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    choices_field: str = "choices"
+    answer_field: str = "answer_index"
+    labels: tuple[str, ...] | None = None
+    """Label names (classification / NER); default: labels.json next to the data."""
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b <= 0 for b in v) or list(v) != sorted(set(v)):
+            raise ValueError("buckets must be positive, strictly increasing lengths")
+        return v
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataSection:
+        if self.buckets[-1] < self.max_length:
+            raise ValueError(f"the largest bucket ({self.buckets[-1]}) is smaller than max_length "
+                             f"({self.max_length}): add a bucket >= max_length")
+        return self
+
+
+class OptimSection(_Section):
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    b1: float = Field(default=0.9, ge=0, lt=1)
+    b2: float = Field(default=0.999, ge=0, lt=1)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(default=0, ge=0)
+    clip_norm: float | None = Field(default=1.0, gt=0)
+
+
+class TrainSection(_Section):
+    steps: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step (each micro-batch holds batch_size // grad_accum rows)."""
+    seed: int = 0
+    eval_every: int = Field(default=50, gt=0)
+    eval_batch_size: int = Field(default=32, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    output_dir: str = "runs/default"
+    keep_last: int = Field(default=2, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    best_metric: str | None = "eval_loss"
+    """Metric that chooses the kept best checkpoint (eval_loss, accuracy, exact_match, ...)."""
+    best_mode: Literal["min", "max"] = "min"
+    eval_before_training: bool = True
+    resume: bool = True
+    """Continue from the latest checkpoint in output_dir when there is one."""
+
+    @model_validator(mode="after")
+    def _accum(self) -> TrainSection:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        return self
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(default=16, gt=0)
+    temperature: float = Field(default=0.0, ge=0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    show_examples: int = Field(default=3, ge=0)
+    eval_generate: bool = True
+    """Compute generation metrics (exact match, BLEU, ...) at evaluation for causal-LM tasks."""
+
+
+class RunConfig(_Section):
+    """A whole run: `jaxpeft train CONFIG.yaml` or `jaxpeft.train.run(RunConfig(...))`."""
+
+    model: ModelSection
+    adapter: AdapterSection = AdapterSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    generation: GenerationSection = GenerationSection()
+    metrics: tuple[str, ...] | None = None
+    """Metrics to report; default by task (see jaxpeft.train.tasks)."""
+
+    def adapter_config(self) -> Any:
+        return self.adapter.build()
+
+
+def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a YAML file (or dict) plus `--set key=value` overrides into a RunConfig.
+
+    Raises ConfigError naming the offending key (dotted path) for unknown keys, wrong types and impossible
+    values.
+    """
+    if isinstance(source, dict):
+        raw = _deep_copy(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+        key, value = item.split("=", 1)
+        _set(raw, key.strip(), yaml.safe_load(value))
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_pretty(e)) from None
+    cfg.adapter_config()  # validate the adapter section now, not at step 0
+    return cfg
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+    node[last] = value
+
+
+def _pretty(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section_key = key.rsplit(".", 1)
+            fields = _fields_at(section_key[0]) if len(section_key) == 2 else sorted(RunConfig.model_fields)
+            close = difflib.get_close_matches(section_key[-1], fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{key}: unknown key{hint}; allowed: {', '.join(fields)}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _fields_at(section: str) -> list[str]:
+    model: Any = RunConfig
+    for part in section.split("."):
+        ann = model.model_fields.get(part)
+        if ann is None:
+            return []
+        model = ann.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    return d
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of a config (written into each run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)

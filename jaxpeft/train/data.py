@@ -1,0 +1,129 @@
+"""Rows in, padded numpy batches out: loading splits with `datasets`, length buckets, deterministic resumable
+shuffling.
+
+Imports numpy/datasets and jaxpeft.train.config only. Batches are dicts of numpy arrays; a batch's length is
+the smallest configured bucket that fits its longest row, so jit compiles once per bucket, not per batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpeft.train.config import DataSection
+
+Example = dict[str, Any]
+"""One encoded row: 'input_ids' (list[int]) plus task fields (lists are per-token, scalars per row)."""
+
+# padding value per per-token field
+PAD_VALUES = {"input_ids": None, "attention_mask": 0, "loss_mask": 0.0, "token_type_ids": 0, "labels": -100}
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad data: empty split, missing field, label out of range, row too long. Names the file/row and fix."""
+
+
+def load_split(section: DataSection, split: str, max_rows: int | None = None) -> list[dict[str, Any]]:
+    """Rows of one split: a local folder holding `<split>.jsonl|.json|.csv|.parquet`, or a hub dataset name."""
+    import datasets
+
+    if section.path is None:
+        raise DataError("data.path is not set: give a folder with train/validation files or a dataset name")
+    path = Path(section.path).expanduser()
+    if path.is_dir():
+        files = [path / f"{split}{ext}" for ext in _FORMATS if (path / f"{split}{ext}").exists()]
+        if not files:
+            raise DataError(f"{path}: no {split}.jsonl/.json/.csv/.parquet file for split {split!r}")
+        ds = datasets.load_dataset(_FORMATS[files[0].suffix], data_files={split: str(files[0])}, split=split)
+        where = str(files[0])
+    elif path.suffix in _FORMATS and path.exists():
+        ds = datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+        where = str(path)
+    else:
+        try:
+            ds = datasets.load_dataset(section.path, split=split)
+        except Exception as e:  # hub errors, offline mode, unknown names: one clear message
+            raise DataError(f"data.path={section.path!r}: not a local folder/file and not loadable as a "
+                            f"`datasets` name ({type(e).__name__}: {e})") from e
+        where = f"{section.path}[{split}]"
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    rows = ds.to_list()
+    if not rows:
+        raise DataError(f"{where}: split {split!r} is empty")
+    return rows
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise DataError(f"a row of {n} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+def collate(examples: Sequence[Example], buckets: Sequence[int], pad_id: int, batch_size: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """Pad examples to one bucket length; pad the batch with weight-0 rows up to batch_size."""
+    n = len(examples)
+    size = batch_size or n
+    length = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
+    out: dict[str, np.ndarray] = {}
+    for key, first in examples[0].items():
+        if isinstance(first, (list, tuple)):
+            pad = pad_id if PAD_VALUES.get(key, 0) is None else PAD_VALUES.get(key, 0)
+            dtype = np.float32 if key == "loss_mask" else np.int32
+            arr = np.full((size, length), pad, dtype)
+            for i, e in enumerate(examples):
+                arr[i, : len(e[key])] = e[key]
+        else:
+            arr = np.zeros((size,), np.int32 if isinstance(first, (int, np.integer)) else np.float32)
+            arr[:n] = [e[key] for e in examples]
+        out[key] = arr
+    mask = np.zeros((size, length), np.int32)
+    for i, e in enumerate(examples):
+        mask[i, : len(e["input_ids"])] = 1
+    out["attention_mask"] = mask
+    out["example_weight"] = (np.arange(size) < n).astype(np.float32)
+    return out
+
+
+class Batcher:
+    """Shuffled training batches, deterministic in (seed, epoch) and resumable at (epoch, index).
+
+    Every epoch is a fresh permutation of the examples from `np.random.default_rng([seed, epoch])`;
+    the last incomplete batch of an epoch is dropped so every step sees `batch_size` rows.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int,
+                 seed: int):
+        if len(examples) < batch_size:
+            raise DataError(f"only {len(examples)} training rows for batch_size {batch_size}: lower "
+                            "train.batch_size or add data")
+        self.examples, self.batch_size, self.buckets, self.pad_id, self.seed = (
+            examples, batch_size, tuple(buckets), pad_id, seed)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Yield (epoch, index, batch) forever, starting at batch `index` of `epoch`."""
+        while True:
+            order = self._order(epoch)
+            for i in range(index, self.batches_per_epoch):
+                chosen = [self.examples[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size]]
+                yield epoch, i, collate(chosen, self.buckets, self.pad_id)
+            epoch, index = epoch + 1, 0
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """Sequential batches of a fixed size (the last padded with weight-0 rows, so shapes do not change)."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], buckets, pad_id, batch_size)

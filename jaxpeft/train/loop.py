@@ -1,0 +1,112 @@
+"""The jitted pieces of training: optimizer and schedule, the train step (gradient accumulation, dropout keys
+from (seed, step, micro-step), donated buffers), and the evaluation passes.
+
+Imports jax/optax, jaxpeft.adapters, jaxpeft.generation and sibling train modules.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpeft.adapters import AdaptedModel
+from jaxpeft.generation import SamplingConfig, generate
+from jaxpeft.train.config import OptimSection
+from jaxpeft.train.tasks import Task
+
+
+def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    """Warmup + constant/linear/cosine schedule; AdamW or Adafactor; global-norm clipping first."""
+    warm = min(cfg.warmup_steps, total_steps)
+    decay_steps = max(total_steps - warm, 1)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm]) if warm else after
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    else:
+        opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+
+
+def dropout_key(seed: int, step: jax.Array, micro: jax.Array) -> jax.Array:
+    """The dropout key of one micro-batch: a pure function of (seed, step, micro-step), so resume is exact."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
+
+
+def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransformation, grad_accum: int,
+                    seed: int) -> Callable:
+    """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, loss).
+
+    The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the gradient is the
+    token-weighted mean over all of them, equal to one big batch's. Only `trainable` is differentiated.
+    """
+    def loss_fn(trainable, frozen, extras, mb, rng):
+        state = {"trainable": trainable, "extras": extras}
+        out = model.apply(frozen, state, mb["input_ids"], mb["attention_mask"], deterministic=False,
+                          rngs={"dropout": rng}, **task.model_inputs(mb))
+        return task.loss(out, mb)
+
+    def step_fn(trainable, opt_state, frozen, extras, batch, step):
+        micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+        def body(carry, xs):
+            grads, total, count = carry
+            mb, i = xs
+            (s, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, extras, mb,
+                                                                  dropout_key(seed, step, i))
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (grads, total, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, total / count
+
+    return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+def make_eval_loss(model: AdaptedModel, task: Task) -> Callable:
+    """loss_terms(trainable, frozen, extras, batch) -> (loss sum, count, logits) with dropout off."""
+    def fn(trainable, frozen, extras, batch):
+        out = model.apply(frozen, {"trainable": trainable, "extras": extras}, batch["input_ids"],
+                          batch["attention_mask"], **task.model_inputs(batch))
+        s, n = task.loss(out, batch)
+        return s, n, out.logits
+    return jax.jit(fn)
+
+
+def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts: Sequence[Sequence[int]], *,
+                          max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int,
+                          sampling: SamplingConfig = SamplingConfig(), batch_size: int = 32, seed: int = 0
+                          ) -> list[list[int]]:
+    """Generate for many prompts in fixed-size batches (the last one padded), through the adapter."""
+    def model_fn(params, ids, mask, cache):
+        return model.apply(params[0], params[1], ids, mask, cache=cache)
+
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n) if len(prompts) > batch_size else []
+        res = generate(model.module, (frozen, state), chunk, max_new_tokens=max_new_tokens,
+                       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
+                       model_fn=model_fn, cache_key=(model, "adapted"))
+        out += res[:n]
+    return out
+
+
+def iterate_losses(fn: Callable, trainable: Any, frozen: Any, extras: Any, batches: Iterable[dict[str, np.ndarray]]):
+    """Yield (loss sum, count, logits, batch) over evaluation batches."""
+    for batch in batches:
+        s, n, logits = fn(trainable, frozen, extras, batch)
+        yield float(s), float(n), logits, batch

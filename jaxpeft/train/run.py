@@ -1,0 +1,316 @@
+"""`run(config)`: the whole `jaxpeft train` job as a function (load, adapt, train, evaluate, checkpoint,
+export), and `evaluate(...)` for `jaxpeft eval`.
+
+Imports everything below it in the library (models, loading, adapters, generation, train.*); nothing imports
+this module except the CLI and users.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpeft.adapters import AdaptedModel
+from jaxpeft.adapters.partition import trainable_parameters_line
+from jaxpeft.adapters.peft_io import export_peft
+from jaxpeft.generation import SamplingConfig
+from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
+from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
+from jaxpeft.train.loop import generate_with_adapter, iterate_losses, make_eval_loss, make_optimizer, make_train_step
+from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
+
+ADAPTER_NAME = "default"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and batch, the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced. metrics_before / metrics_after: evaluation at step 0 and at the end."""
+
+    output_dir: Path
+    adapter_dir: Path
+    final_step: int
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    generations: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    """Everything a run or an evaluation needs, built once from the config."""
+
+    cfg: RunConfig
+    pretrained: Any
+    task: Any
+    model: AdaptedModel
+    state: dict[str, Any]
+    eval_rows: list[dict[str, Any]]
+    eval_examples: list[dict[str, Any]]
+    eval_loss_fn: Any = None
+
+
+def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
+    if cfg.data.labels:
+        return cfg.data.labels
+    if cfg.model.task in ("seq_cls", "token_cls") and cfg.data.path and (Path(cfg.data.path) / "labels.json").exists():
+        return tuple(json.loads((Path(cfg.data.path) / "labels.json").read_text()))
+    if cfg.model.task in ("seq_cls", "token_cls"):
+        raise ConfigError("data.labels: needed for classification (or a labels.json next to the data)")
+    return None
+
+
+def _context(cfg: RunConfig) -> _Context:
+    from jaxpeft.loading.pretrained import load_pretrained
+
+    labels = _labels(cfg)
+    pre = load_pretrained(cfg.model.checkpoint, task=MODEL_TASK[cfg.model.task], dtype=cfg.model.dtype,
+                          param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                          num_labels=len(labels) if labels else None)
+    if pre.tokenizer is None:
+        raise ConfigError(f"model.checkpoint={cfg.model.checkpoint!r} has no tokenizer; jaxpeft needs tokenizer.json")
+    task = make_task(cfg, pre.tokenizer, labels)
+    model = AdaptedModel.wrap(pre.module).add(ADAPTER_NAME, cfg.adapter_config())
+    state = model.init(jax.random.key(cfg.train.seed), pre.params)
+    eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
+    ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows))
+    ctx.eval_loss_fn = make_eval_loss(model, task)
+    return ctx
+
+
+def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
+    """Eval loss plus the task's metrics on the evaluation split."""
+    from jaxpeft.train import metrics as M
+
+    cfg, task, frozen, extras = ctx.cfg, ctx.task, ctx.pretrained.params, ctx.state["extras"]
+    pad = ctx.pretrained.tokenizer.pad_token_id or 0
+    total = count = 0.0
+    preds: list[Any] = []
+    gold: list[Any] = []
+    for s, n, logits, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras,
+                                              eval_batches(ctx.eval_examples, cfg.train.eval_batch_size,
+                                                           cfg.data.buckets, pad)):
+        total, count = total + s, count + n
+        keep = batch["example_weight"] > 0
+        if cfg.model.task == "seq_cls":
+            preds += np.asarray(logits).argmax(-1)[keep].tolist()
+            gold += batch["label"][keep].tolist()
+        elif cfg.model.task == "token_cls":
+            arg = np.asarray(logits).argmax(-1)
+            for i in np.nonzero(keep)[0]:
+                p, g = task.word_tags(batch["labels"][i], arg[i])
+                preds.append(p)
+                gold.append(g)
+    result = {"eval_loss": total / max(count, 1.0)}
+    if cfg.model.task == "seq_cls":
+        result.update(M.compute(task.metrics, preds=preds, labels=gold))
+    elif cfg.model.task == "token_cls":
+        result.update(M.compute(task.metrics, pred_tags=preds, gold_tags=gold))
+    elif cfg.model.task == "multiple_choice":
+        result["accuracy"] = _choice_accuracy(ctx, trainable)
+    elif cfg.generation.eval_generate:
+        texts = _generate(ctx, trainable, ctx.eval_rows)
+        refs = [task.references(r) for r in ctx.eval_rows]
+        result.update(M.compute(task.metrics, predictions=texts, references=refs))
+    return result
+
+
+def _generate(ctx: _Context, trainable: Any, rows: list[dict[str, Any]]) -> list[str]:
+    tok, g = ctx.pretrained.tokenizer, ctx.cfg.generation
+    prompts = [ctx.task.prompt_ids(r, i) for i, r in enumerate(rows)]
+    outs = generate_with_adapter(ctx.model, ctx.pretrained.params, {"trainable": trainable, "extras": ctx.state["extras"]},
+                                 prompts, max_new_tokens=g.max_new_tokens, eos_token_ids=tok.eos_token_ids,
+                                 pad_token_id=tok.pad_token_id or 0,
+                                 sampling=SamplingConfig(g.temperature, g.top_k, g.top_p),
+                                 batch_size=ctx.cfg.train.eval_batch_size, seed=ctx.cfg.train.seed)
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+def _choice_accuracy(ctx: _Context, trainable: Any) -> float:
+    task: MultipleChoiceTask = ctx.task
+    pad = ctx.pretrained.tokenizer.pad_token_id or 0
+    flat, owner = [], []
+    for i, row in enumerate(ctx.eval_rows):
+        for c, ex in enumerate(task.choice_examples(row, i)):
+            flat.append(ex)
+            owner.append((i, c))
+    scores: list[float] = []
+    frozen, extras = ctx.pretrained.params, ctx.state["extras"]
+    for batch in eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad):
+        _, _, logits = ctx.eval_loss_fn(trainable, frozen, extras, batch)
+        logp = jax.nn.log_softmax(np.asarray(logits, np.float32)[:, :-1], axis=-1)
+        tgt = batch["input_ids"][:, 1:]
+        ll = np.take_along_axis(np.asarray(logp), tgt[..., None], axis=-1)[..., 0] * batch["loss_mask"][:, 1:]
+        scores += ll.sum(-1)[batch["example_weight"] > 0].tolist()
+    best: dict[int, tuple[float, int]] = {}
+    for (i, c), s in zip(owner, scores):
+        if i not in best or s > best[i][0]:
+            best[i] = (s, c)
+    return float(np.mean([best[i][1] == task.answer(r, i) for i, r in enumerate(ctx.eval_rows)]))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] = (), *, verbose: bool = True) -> RunResult:
+    """Train an adapter as the config says; resume from `train.output_dir` when it holds checkpoints.
+
+    Returns the metrics before and after training, and where the PEFT-format adapter was written.
+    """
+    from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
+    from jaxpeft.train.logging import RunLogger
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    say = print if verbose else (lambda *a, **k: None)
+    ctx = _context(cfg)
+    frozen = ctx.pretrained.params
+    say(trainable_parameters_line(ctx.model, ctx.state, frozen))
+    train_rows = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
+    train_examples = encode_rows(ctx.task, train_rows)
+    pad = ctx.pretrained.tokenizer.pad_token_id or 0
+    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.data.buckets, pad, cfg.train.seed)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    trainable = ctx.state["trainable"]
+    opt_state = tx.init(trainable)
+    ckpt = RunCheckpointer(out / "checkpoints", keep_last=cfg.train.keep_last, best_metric=cfg.train.best_metric,
+                           best_mode=cfg.train.best_mode, base_fingerprint=fingerprint(frozen))
+    result = RunResult(out, out / "adapter", 0)
+    start, epoch, index = 0, 0, 0
+    if not cfg.train.resume and ckpt.latest_step() is not None:
+        raise ConfigError(f"train.resume=false but {out / 'checkpoints'} already holds checkpoints (latest step "
+                          f"{ckpt.latest_step()}): choose a new train.output_dir, delete that folder, or resume")
+    if cfg.train.resume and ckpt.latest_step() is not None:
+        trainable, opt_state, meta = ckpt.restore(trainable_like=trainable, opt_state_like=opt_state)
+        start, epoch, index = meta["step"], meta["epoch"], meta["index"]
+        result.metrics_before = meta.get("metrics_before", {})
+        say(f"resumed from step {start} ({out / 'checkpoints'})")
+    logger = RunLogger(out, total_steps=cfg.train.steps, start_step=start, enable_progress=verbose)
+    if start == 0 and cfg.train.eval_before_training:
+        result.metrics_before = _evaluate(ctx, trainable)
+        logger.log(0, result.metrics_before, split="eval")
+        say(f"before training: {_fmt(result.metrics_before)}")
+    step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed)
+    extras = ctx.state["extras"]
+    last_eval: dict[str, float] = {}
+    batches = batcher.iterate(epoch, index)
+    t0, tokens = time.perf_counter(), 0
+    step = start
+    try:
+        for step in range(start, cfg.train.steps):
+            epoch, index, batch = next(batches)
+            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, extras, batch, np.int32(step))
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss} at step {step + 1} (epoch {epoch}, batch {index}); stopped. "
+                                       f"The last good checkpoint is step {ckpt.latest_step()} in {out / 'checkpoints'}: "
+                                       "lower optim.lr, set optim.clip_norm, or check the data")
+            tokens += int(batch["attention_mask"].sum())
+            result.train_losses.append((step + 1, loss))
+            logger.progress(step + 1, loss, int(batch["attention_mask"].sum()))
+            if (step + 1) % cfg.train.log_every == 0:
+                logger.log(step + 1, {"loss": loss, "tokens_per_s": tokens / (time.perf_counter() - t0)})
+            done = step + 1 == cfg.train.steps
+            metrics = None
+            if (step + 1) % cfg.train.eval_every == 0 or done:
+                last_eval = metrics = _evaluate(ctx, trainable)
+                logger.log(step + 1, metrics, split="eval")
+            if (step + 1) % cfg.train.checkpoint_every == 0 or done:
+                nxt_epoch, nxt_index = (epoch, index + 1) if index + 1 < batcher.batches_per_epoch else (epoch + 1, 0)
+                ckpt.save(step + 1, trainable, opt_state,
+                          meta={"step": step + 1, "epoch": nxt_epoch, "index": nxt_index, "seed": cfg.train.seed,
+                                "metrics_before": result.metrics_before},
+                          metrics=metrics)
+    finally:
+        ckpt.wait()
+        logger.close()
+    result.final_step = cfg.train.steps
+    result.metrics_after = last_eval or _evaluate(ctx, trainable)
+    say(f"after training:  {_fmt(result.metrics_after)}")
+    final_state = {"trainable": trainable, "extras": extras}
+    export_peft(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
+                base_model_name_or_path=cfg.model.checkpoint)
+    say(f"adapter (PEFT format): {result.adapter_dir}")
+    if cfg.model.task == "causal_lm" and cfg.generation.show_examples:
+        rows = ctx.eval_rows[: cfg.generation.show_examples]
+        for row, text in zip(rows, _generate(ctx, trainable, rows)):
+            result.generations.append((row[cfg.data.prompt_field], text))
+            say(f"--- {row[cfg.data.prompt_field]!r} -> {text!r} (reference {ctx.task.references(row)[0]!r})")
+    ckpt.close()
+    return result
+
+
+def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] = (), *,
+             adapter: str | None = None, step: int | None = None) -> dict[str, float]:
+    """Evaluate a trained adapter: from a PEFT folder (`adapter`) or the run's checkpoint (`step`, default latest)."""
+    from jaxpeft.adapters.peft_io import import_peft
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    ctx = _context(cfg)
+    if adapter is not None:
+        model, state = import_peft(AdaptedModel.wrap(ctx.pretrained.module), ctx.pretrained.params, adapter,
+                                   name=ADAPTER_NAME)
+        ctx.model, ctx.state = model, state
+        ctx.eval_loss_fn = make_eval_loss(model, ctx.task)
+        trainable = state["trainable"]
+    else:
+        from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
+
+        ckpt = RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
+                               best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
+                               base_fingerprint=fingerprint(ctx.pretrained.params))
+        trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
+        ckpt.close()
+    return _evaluate(ctx, trainable)
+
+
+def export_checkpoint(config: RunConfig | str | dict, out_dir: str, *, step: int | None = None,
+                      overrides: tuple[str, ...] | list[str] = ()) -> Path:
+    """Write a run checkpoint (default latest) as a PEFT adapter folder."""
+    from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    ctx = _context(cfg)
+    ckpt = RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
+                           best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
+                           base_fingerprint=fingerprint(ctx.pretrained.params))
+    trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
+    ckpt.close()
+    return export_peft(ctx.model, {"trainable": trainable, "extras": ctx.state["extras"]}, ADAPTER_NAME, out_dir,
+                       base_model_name_or_path=cfg.model.checkpoint)
+
+
+def merge_to_folder(checkpoint: str, adapter: str, out_dir: str, task: str = "causal_lm") -> Path:
+    """Base + PEFT adapter -> merged weights as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
+    from safetensors.numpy import save_file
+
+    from jaxpeft.adapters.merge import merge
+    from jaxpeft.adapters.peft_io import import_peft
+    from jaxpeft.loading.convert import params_to_hf
+    from jaxpeft.loading.pretrained import load_pretrained
+
+    pre = load_pretrained(checkpoint, task=task)
+    model, state = import_peft(AdaptedModel.wrap(pre.module), pre.params, adapter)
+    merged, _ = merge(model, pre.params, state, "default")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(params_to_hf(pre.config, task, merged), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(pre.hf_config, indent=2))
+    if pre.tokenizer is not None:
+        pre.tokenizer.tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+__all__ = ["RunResult", "TrainingDiverged", "DataError", "run", "evaluate", "export_checkpoint", "merge_to_folder"]

@@ -1,0 +1,192 @@
+"""Tasks: how a row becomes model inputs, the training loss, and the evaluation metrics.
+
+Imports jax/numpy, jaxpeft.loading.tokenizer and sibling train modules. Causal-LM supervised fine-tuning puts
+the loss on the response tokens and the EOS that ends them; the mask comes from the response span, never
+from pad ids (SmolLM2's pad token is its EOS, and that EOS target must be learned).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft.train.config import RunConfig
+from jaxpeft.train.data import DataError, Example
+
+MODEL_TASK = {"causal_lm": "causal_lm", "seq_cls": "seq_cls", "token_cls": "token_cls", "multiple_choice": "causal_lm"}
+DEFAULT_METRICS = {"causal_lm": ("exact_match",), "seq_cls": ("accuracy", "macro_f1", "mcc"),
+                   "token_cls": ("span_f1",), "multiple_choice": ("accuracy",)}
+
+
+def _check_len(n: int, cfg: RunConfig, row_index: int) -> None:
+    if n > cfg.data.max_length:
+        raise DataError(f"row {row_index}: {n} tokens > data.max_length={cfg.data.max_length}; raise max_length "
+                        "(and the largest bucket) or set data.truncate: true")
+
+
+def _field(row: dict[str, Any], name: str, row_index: int, key: str) -> Any:
+    if name not in row:
+        raise DataError(f"row {row_index}: no field {name!r} (set data.{key}; the row has {sorted(row)})")
+    return row[name]
+
+
+@dataclass
+class Task:
+    """Base: subclasses implement encode, loss and the metric inputs."""
+
+    cfg: RunConfig
+    tokenizer: Any
+    labels: tuple[str, ...] | None = None
+    metrics: tuple[str, ...] = field(default=())
+
+    def encode(self, row: dict[str, Any], index: int) -> Example:
+        raise NotImplementedError
+
+    def loss(self, out: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(sum of per-item losses, number of items) for a batch; the mean is their ratio."""
+        raise NotImplementedError
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        extra = {}
+        if "token_type_ids" in batch:
+            extra["token_type_ids_bt"] = batch["token_type_ids"]
+        return extra
+
+
+class CausalLMTask(Task):
+    """Supervised fine-tuning: prompt (+ chat template) then ' ' + response + EOS; loss on response and EOS."""
+
+    def prompt_text(self, row: dict[str, Any], index: int) -> str:
+        prompt = _field(row, self.cfg.data.prompt_field, index, "prompt_field")
+        if self.cfg.data.prompt_format == "chat":
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return prompt
+
+    def prompt_ids(self, row: dict[str, Any], index: int) -> list[int]:
+        return self.tokenizer.encode(self.prompt_text(row, index))
+
+    def encode(self, row, index):
+        p = self.prompt_ids(row, index)
+        response = str(_field(row, self.cfg.data.response_field, index, "response_field"))
+        sep = "" if self.cfg.data.prompt_format == "chat" else " "
+        eos = self.tokenizer.eos_token_ids[0]
+        a = self.tokenizer.encode(sep + response, add_special_tokens=False) + [eos]
+        ids = p + a
+        if len(ids) > self.cfg.data.max_length:
+            if not self.cfg.data.truncate or len(p) >= self.cfg.data.max_length:
+                _check_len(len(ids), self.cfg, index)
+            ids = ids[: self.cfg.data.max_length]
+        return {"input_ids": ids, "loss_mask": [0.0] * len(p) + [1.0] * (len(ids) - len(p))}
+
+    def loss(self, out, batch):
+        logits = out.logits[:, :-1].astype(jnp.float32)
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["loss_mask"][:, 1:] * batch["example_weight"][:, None]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * mask), jnp.sum(mask)
+
+    def references(self, row: dict[str, Any]) -> list[str]:
+        refs = row.get("references") or [row[self.cfg.data.response_field]]
+        return [str(r) for r in refs]
+
+
+class MultipleChoiceTask(CausalLMTask):
+    """Trained as causal LM on the correct response; evaluated by the summed log-probability of each choice."""
+
+    def choice_examples(self, row: dict[str, Any], index: int) -> list[Example]:
+        choices = _field(row, self.cfg.data.choices_field, index, "choices_field")
+        return [self.encode({**row, self.cfg.data.response_field: c}, index) for c in choices]
+
+    def answer(self, row: dict[str, Any], index: int) -> int:
+        ans = int(_field(row, self.cfg.data.answer_field, index, "answer_field"))
+        n = len(row[self.cfg.data.choices_field])
+        if not 0 <= ans < n:
+            raise DataError(f"row {index}: answer index {ans} is out of range for {n} choices")
+        return ans
+
+
+class SeqClsTask(Task):
+    """Sequence (pair) classification; decoders pool the last non-pad token, encoders use their head."""
+
+    def encode(self, row, index):
+        text = _field(row, self.cfg.data.text_field, index, "text_field")
+        pair = row.get(self.cfg.data.text_pair_field) if self.cfg.data.text_pair_field else None
+        enc = self.tokenizer.tokenizer.encode(text, pair) if pair is not None else self.tokenizer.tokenizer.encode(text)
+        ids, types = enc.ids, enc.type_ids
+        if len(ids) > self.cfg.data.max_length:
+            if not self.cfg.data.truncate:
+                _check_len(len(ids), self.cfg, index)
+            ids, types = ids[: self.cfg.data.max_length], types[: self.cfg.data.max_length]
+        label = _field(row, self.cfg.data.label_field, index, "label_field")
+        if isinstance(label, str):
+            if label not in (self.labels or ()):
+                raise DataError(f"row {index}: label {label!r} is not one of {self.labels}")
+            label = self.labels.index(label)
+        n = len(self.labels) if self.labels else None
+        if n is not None and not 0 <= int(label) < n:
+            raise DataError(f"row {index}: label {label} is out of range for {n} labels {self.labels}")
+        ex: Example = {"input_ids": ids, "label": int(label)}
+        if any(types):
+            ex["token_type_ids"] = types
+        return ex
+
+    def loss(self, out, batch):
+        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
+        w = batch["example_weight"]
+        return jnp.sum(nll * w), jnp.sum(w)
+
+
+class TokenClsTask(Task):
+    """BIO NER: the label of each word sits on its first sub-token; other sub-tokens are ignored (-100)."""
+
+    def encode(self, row, index):
+        words = _field(row, self.cfg.data.tokens_field, index, "tokens_field")
+        tags = _field(row, self.cfg.data.tags_field, index, "tags_field")
+        if len(words) != len(tags):
+            raise DataError(f"row {index}: {len(words)} tokens but {len(tags)} tags")
+        enc = self.tokenizer.tokenizer.encode(words, is_pretokenized=True)
+        labels, seen = [], set()
+        for wid in enc.word_ids:
+            if wid is None or wid in seen:
+                labels.append(-100)
+            else:
+                seen.add(wid)
+                tag = tags[wid]
+                if tag not in self.labels:
+                    raise DataError(f"row {index}: tag {tag!r} is not in the label set {self.labels}")
+                labels.append(self.labels.index(tag))
+        ids = enc.ids
+        if len(ids) > self.cfg.data.max_length:
+            if not self.cfg.data.truncate:
+                _check_len(len(ids), self.cfg, index)
+            ids, labels = ids[: self.cfg.data.max_length], labels[: self.cfg.data.max_length]
+        return {"input_ids": ids, "labels": labels, "num_words": len(words)}
+
+    def loss(self, out, batch):
+        labels = batch["labels"]
+        valid = (labels >= 0) * batch["example_weight"][:, None]
+        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * valid), jnp.sum(valid)
+
+    def word_tags(self, labels_t: np.ndarray, pred_t: np.ndarray) -> tuple[list[str], list[str]]:
+        keep = labels_t >= 0
+        return ([self.labels[i] for i in pred_t[keep]], [self.labels[i] for i in labels_t[keep]])
+
+
+TASKS = {"causal_lm": CausalLMTask, "seq_cls": SeqClsTask, "token_cls": TokenClsTask,
+         "multiple_choice": MultipleChoiceTask}
+
+
+def make_task(cfg: RunConfig, tokenizer: Any, labels: Sequence[str] | None) -> Task:
+    metrics = cfg.metrics or DEFAULT_METRICS[cfg.model.task]
+    return TASKS[cfg.model.task](cfg, tokenizer, tuple(labels) if labels else None, tuple(metrics))
+
+
+def encode_rows(task: Task, rows: Sequence[dict[str, Any]]) -> list[Example]:
+    return [task.encode(r, i) for i, r in enumerate(rows)]
