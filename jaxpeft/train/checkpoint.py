@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -18,6 +19,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from jaxpeft.loading.errors import CheckpointError
+
+
+class _NoMetricsNotice(logging.Filter):
+    """Orbax warns on every save without metrics when keep-best is on; steps between evaluations are
+    saved without metrics on purpose (kept as latest, never as best), so that warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsNotice())
 
 __all__ = ["fingerprint", "RunCheckpointer"]
 
