@@ -20,8 +20,10 @@ def loss_fn(module, params, ids, mask):
     return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
 
 
-def measure(checkpoint: str, scan: bool, batch: int, seq: int) -> dict[str, float]:
+def measure(checkpoint: str, scan: bool, batch: int, seq: int, shape: str) -> dict[str, float]:
+    """shape 'full': gradient w.r.t. every weight; 'lora': w.r.t. a LoRA adapter on q,v (frozen base)."""
     from jaxpeft import load_pretrained
+    from jaxpeft.adapters import AdaptedModel, LoraConfig
 
     t0 = time.perf_counter()
     pre = load_pretrained(checkpoint, scan_layers=scan)
@@ -29,15 +31,29 @@ def measure(checkpoint: str, scan: bool, batch: int, seq: int) -> dict[str, floa
     t_init = time.perf_counter() - t0
     ids = jnp.asarray(np.random.RandomState(0).randint(0, pre.config.vocab_size, (batch, seq)), jnp.int32)
     mask = jnp.ones((batch, seq), jnp.int32)
-    step = jax.jit(jax.value_and_grad(lambda p, i, m: loss_fn(pre.module, p, i, m)))
+    if shape == "full":
+        step = jax.jit(jax.value_and_grad(lambda p, i, m: loss_fn(pre.module, p, i, m)))
+        args = (pre.params, ids, mask)
+    else:
+        model = AdaptedModel.wrap(pre.module).add("default", LoraConfig())
+        state = model.init(jax.random.key(0), pre.params)
+
+        class _Bound:  # loss_fn's module.apply, routed through the adapter
+            @staticmethod
+            def apply(variables, i, m):
+                return model.apply(variables["params"][0], {"trainable": variables["params"][1],
+                                                            "extras": state["extras"]}, i, m)
+
+        step = jax.jit(jax.value_and_grad(lambda t, f, i, m: loss_fn(_Bound, (f, t), i, m)))
+        args = (state["trainable"], pre.params, ids, mask)
     t0 = time.perf_counter()
-    lowered = step.lower(pre.params, ids, mask)
+    lowered = step.lower(*args)
     t_trace = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(pre.params, ids, mask))
+    jax.block_until_ready(compiled(*args))
     t_run = time.perf_counter() - t0
     return {"init_from_checkpoint_s": t_init, "trace_lower_s": t_trace, "compile_s": t_compile,
             "first_step_s": t_run}
@@ -48,13 +64,15 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="smollm2-135m-instruct")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--shape", choices=["lora", "full"], default="lora",
+                    help="training shape: LoRA q,v (what jaxpeft trains) or full fine-tuning")
     args = ap.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), checkpoint {args.checkpoint}, "
-          f"batch {args.batch}x{args.seq}, compilation cache off")
+          f"batch {args.batch}x{args.seq}, {args.shape} training shape, compilation cache off")
     rows = {}
     for scan in (True, False):
-        rows[scan] = measure(args.checkpoint, scan, args.batch, args.seq)
+        rows[scan] = measure(args.checkpoint, scan, args.batch, args.seq, args.shape)
         label = "scan" if scan else "unrolled"
         print(f"{label:9s} " + "  ".join(f"{k}={v:7.2f}" for k, v in rows[scan].items()))
     total = {s: rows[s]["trace_lower_s"] + rows[s]["compile_s"] for s in rows}
