@@ -10,7 +10,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Targeting shared by every method.
+    r"""Targeting shared by every method.
 
     target_modules: PEFT-style list of module-name suffixes (a name matches when it equals the entry or
         ends with '.' + entry), or one regex string matched in full against the canonical per-layer HF

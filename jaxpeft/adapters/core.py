@@ -27,6 +27,7 @@ AdapterState = dict[str, dict[str, Any]]
 """{'trainable': {name: {'dense': tree, 'saved': {module: params}}}, 'extras': {name: tree}}."""
 
 ALL = "__all__"
+_INIT_CACHE: dict[Any, Any] = {}
 
 
 def trainable_collection(name: str) -> str:
@@ -113,7 +114,7 @@ class AdaptedModel:
         resolved = resolve_targets(self.modules, targets, exclude=config.exclude_modules,
                                    layers=config.layers_to_transform, options=options, strict=strict)
         for t in resolved:
-            ranks = {dict(o).get("r") for o in t.layer_options}
+            ranks = {dict(o).get("r", getattr(config, "r", None)) for o in t.layer_options}
             if len(ranks) > 1:
                 raise ValueError(f"rank_pattern gives {t.hf_module} different ranks per layer ({sorted(ranks)}); "
                                  "per-layer ranks of one stacked module are not supported: use one rank per module")
@@ -142,7 +143,10 @@ class AdaptedModel:
                 _, variables = self.module.apply({"params": frozen}, *inputs, mutable=cols, rngs={"adapter": rng})
             return variables
 
-        variables = jax.jit(run)(frozen, rng)
+        key = (self, tuple(s.name for s in specs))
+        if key not in _INIT_CACHE:  # one compile per adapter set, not per call
+            _INIT_CACHE[key] = jax.jit(run)
+        variables = _INIT_CACHE[key](frozen, rng)
         state: AdapterState = {"trainable": {}, "extras": {}}
         for s in specs:
             extras = _set_layer_values(s, variables.get(extras_collection(s.name), {}))

@@ -46,7 +46,8 @@ def count_parameters(model: AdaptedModel, state: AdapterState, frozen: Mapping[s
     """(trainable, all) parameter counts as PEFT's `get_nb_trainable_parameters` reports them.
 
     Layers excluded by `layers_to_transform` hold stacked placeholder weights: they are not counted.
-    `all` = base parameters + trainable adapter parameters (modules_to_save copies replace, not add).
+    `all` = base parameters + trainable parameters, as PEFT counts them (a modules_to_save copy adds to the
+    original module); for full fine-tuning `all` is the base size.
     """
     names = [name] if name else list(state["trainable"])
     trainable = 0
@@ -62,8 +63,9 @@ def count_parameters(model: AdaptedModel, state: AdapterState, frozen: Mapping[s
                 trainable += size // t.num_layers * len(t.layers) if t.layered else size
         trainable += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][n]["saved"]))
     base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
-    saved = sum(int(np.prod(x.shape)) for n in names for x in jax.tree.leaves(state["trainable"][n]["saved"]))
-    return trainable, base + trainable - saved
+    full = sum(int(np.prod(x.shape)) for n in names if model.spec(n).config.method == "full"
+               for x in jax.tree.leaves(state["trainable"][n]["saved"]))
+    return trainable, base + trainable - full
 
 
 def trainable_parameters_line(model: AdaptedModel, state: AdapterState, frozen: Mapping[str, Any],

@@ -181,17 +181,23 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     for f in (cfg_file, weights):
         if not f.exists():
             raise CheckpointError(f"{path}: not a PEFT adapter folder (missing {f.name})")
-    config = config_from_peft(json.loads(cfg_file.read_text()))
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is corrupt") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for truncated files
+        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
+    config = config_from_peft(raw)
     # PEFT ignores modules_to_save entries the model lacks (it adds both 'classifier' and 'score' for SEQ_CLS)
     present = tuple(m for m in config.modules_to_save if m in frozen)
     if present != config.modules_to_save:
         config = dataclasses.replace(config, modules_to_save=present)
     model = model.add(name, config, strict=False)
     state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error type for truncated files
-        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
     used: set[str] = set()
     spec = model.spec(name)
     keys = _FILE_KEYS[config.method]

@@ -58,11 +58,19 @@ class DenseModule:
 
 
 def dense_modules(cfg: ModelConfig, task: str) -> tuple[DenseModule, ...]:
-    """Every targetable dense module of a jaxpeft backbone, from its name map (HF module names)."""
+    """Every targetable dense module of a jaxpeft backbone, from its name map (HF module names).
+
+    Names are paths inside the HF model PEFT wraps: task models carry the backbone prefix
+    ('bert.encoder.layer.{i}...'), bare backbones (task 'base', e.g. `BertModel`) do not ('encoder.layer.{i}...').
+    """
+    from jaxpeft.models.namemap import ARCH_NAMES
+
+    prefix = ARCH_NAMES[cfg.arch].base_prefix
     out = []
     for e in name_map(cfg, task):
         if e.flax_path.endswith("/kernel"):
-            out.append(DenseModule(e.flax_module, e.hf_module, e.layered, e.shape[0] if e.layered else 1,
+            name = e.hf_module[len(prefix):] if task == "base" and e.hf_module.startswith(prefix) else e.hf_module
+            out.append(DenseModule(e.flax_module, name, e.layered, e.shape[0] if e.layered else 1,
                                    e.shape[-2], e.shape[-1]))
     return tuple(out)
 

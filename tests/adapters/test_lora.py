@@ -99,8 +99,6 @@ def test_all_params_count_equals_peft(case):
     assert _our_counts(case)[1] == _peft_counts(case)[1]
 
 
-@pytest.mark.xfail(strict=True, reason="library gap: count_parameters' `all` leaves out the modules_to_save copy, "
-                                       "PEFT's get_nb_trainable_parameters()[1] counts original + copy")
 def test_all_params_count_with_modules_to_save_equals_peft():
     assert _our_counts("bert_seq_cls_qv")[1] == _peft_counts("bert_seq_cls_qv")[1]
 

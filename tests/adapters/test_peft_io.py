@@ -282,9 +282,6 @@ def test_unexpected_tensor_warns(good_folder, tmp_path):
         _import(tiny, d)
 
 
-@pytest.mark.xfail(strict=True, raises=json.JSONDecodeError,
-                   reason="library bug: a corrupt adapter_config.json surfaces as a bare JSONDecodeError, "
-                          "not CheckpointError (peft_io.import_peft: json.loads unguarded)")
 def test_corrupt_config_json_raises_checkpoint_error(good_folder, tmp_path):
     tiny, folder = good_folder
     d = _copy(folder, tmp_path / "d")

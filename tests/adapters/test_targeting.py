@@ -88,9 +88,6 @@ def test_targets_equal_peft(case):
     assert _our_targets(am) == theirs
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="library bug: for task='base' a regex target is matched against the HF path WITH the "
-                          "task-model prefix ('bert.encoder...'), PEFT matches the bare model's path ('encoder...')")
 @pytest.mark.parametrize("case", list(BASE_REGEX))
 def test_base_task_regex_targets_equal_peft(case):
     name, task, kw = BASE_REGEX[case]
@@ -125,9 +122,6 @@ def test_alpha_pattern_per_layer_matches_peft_scaling():
     assert ours == pytest.approx(theirs) and theirs == pytest.approx([2.0, 8.0])
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="library bug: AdaptedModel.add builds its error message with sorted({None, 8}) (layers "
-                          "without an override have no 'r' option) and raises TypeError instead of the ValueError")
 def test_rank_pattern_per_layer_is_rejected_with_a_reason():
     cfg = LoraConfig(r=4, target_modules=("q_proj",), rank_pattern={"layers.1.self_attn.q_proj": 8})
     with pytest.raises(ValueError, match="different ranks per layer"):
