@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.adapters.lora import DEFAULT_TARGETS, LoraConfig, init_lora_ab, lora_scale
-from jaxpeft.adapters.method import DenseMethod, register
+from jaxpeft.adapters.lora import Lora, LoraConfig, lora_scale
+from jaxpeft.adapters.method import register
 
 
 @dataclass(frozen=True)
@@ -36,20 +36,16 @@ def weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Arr
     return jnp.sqrt(jnp.sum(w * w, axis=0))
 
 
-class Dora(DenseMethod):
+class Dora(Lora):
+    """LoRA's targets, scale and A/B init, plus the magnitude vector."""
+
     name = "dora"
     config_cls = DoraConfig
 
-    def default_targets(self, arch: str) -> tuple[str, ...]:
-        return DEFAULT_TARGETS[arch]
-
-    def scale(self, cfg, options):
-        return lora_scale(cfg, options)
-
     def init(self, cfg, options, kernel, bias, rng):
-        a, b = init_lora_ab(cfg, options, kernel.shape[0], kernel.shape[1], rng)
-        m = weight_norm(kernel, a, b, lora_scale(cfg, options))
-        return {"lora_A": a, "lora_B": b, "lora_magnitude_vector": m}, {}
+        trainable, extras = super().init(cfg, options, kernel, bias, rng)
+        m = weight_norm(kernel, trainable["lora_A"], trainable["lora_B"], lora_scale(cfg, options))
+        return {**trainable, "lora_magnitude_vector": m}, extras
 
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
         a, b = trainable["lora_A"], trainable["lora_B"]

@@ -130,28 +130,24 @@ def _fsync_tree(root: pathlib.Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         dirs.append(dirpath)
         for fn in filenames:
-            try:
-                fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(dirpath, fn))
     dirs.append(str(root.parent))
     for d in dirs:
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync_path(d)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync one file or directory; best effort (some filesystems refuse directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _json_number(name: str, v: Any) -> float | int | bool:
