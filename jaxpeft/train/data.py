@@ -32,6 +32,8 @@ def load_split(section: DataSection, split: str, max_rows: int | None = None) ->
 
     if section.path is None:
         raise DataError("data.path is not set: give a folder with train/validation files or a dataset name")
+    if section.path.startswith("tfds:"):
+        return _load_tfds(section.path[len("tfds:"):], split, max_rows)
     path = Path(section.path).expanduser()
     if path.is_dir():
         files = [path / f"{split}{ext}" for ext in _FORMATS if (path / f"{split}{ext}").exists()]
@@ -54,6 +56,20 @@ def load_split(section: DataSection, split: str, max_rows: int | None = None) ->
     rows = ds.to_list()
     if not rows:
         raise DataError(f"{where}: split {split!r} is empty")
+    return rows
+
+
+def _load_tfds(name: str, split: str, max_rows: int | None) -> list[dict[str, Any]]:
+    """Rows of a TensorFlow Datasets dataset (`data.path: tfds:NAME`; needs the `tfds` extra)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError("data.path=tfds:...: install the optional extra: pip install 'jaxpeft[tfds]'") from e
+    ds = tfds.load(name, split=split if max_rows is None else f"{split}[:{max_rows}]")
+    rows = [{k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+             for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+    if not rows:
+        raise DataError(f"tfds:{name}: split {split!r} is empty")
     return rows
 
 
