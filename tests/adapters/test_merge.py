@@ -94,11 +94,16 @@ def test_unmerge_restores_the_original_leaves(merged):
         np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))
 
 
-def test_layers_excluded_by_layers_to_transform_keep_exact_kernels(merged):
-    m = merged
-    layers = m["kw"].get("layers_to_transform")
-    if layers is None:
-        pytest.skip("case adapts every layer")
+LAYER_CASES = [c for c in CASES if af.EXPORT_CASES[c][2].get("layers_to_transform") is not None]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layers_excluded_by_layers_to_transform_keep_exact_kernels(case):
+    name, task, kw = af.EXPORT_CASES[case]
+    tiny, am, state = af.lora_case(name, task, seed=af.CASE_SEED, **kw)
+    params, _ = merge(am, tiny.params, state, af.NAME)
+    m = dict(am=am, tiny=tiny, merged=params)
+    layers = kw["layers_to_transform"]
     n = 0
     for t in m["am"].spec(af.NAME).targets:
         new = np.asarray(af.get(m["merged"], t.flax_module)["kernel"])
