@@ -88,7 +88,7 @@ def _errors():
 
 def _cmd_train(args: argparse.Namespace) -> int:
     _enable_compilation_cache()
-    from jaxpeft.train.run import TrainingDiverged, run
+    from jaxpeft.train.runner import TrainingDiverged, run
 
     try:
         run(args.config, args.set)
@@ -100,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     _enable_compilation_cache()
-    from jaxpeft.train.run import evaluate
+    from jaxpeft.train.runner import evaluate
 
     try:
         metrics = evaluate(args.config, args.set, adapter=args.adapter, step=args.step)
@@ -114,7 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Checkpoint of a run -> PEFT folder."""
-    from jaxpeft.train.run import export_checkpoint
+    from jaxpeft.train.runner import export_checkpoint
 
     try:
         print(export_checkpoint(args.config, args.out, step=args.step, overrides=args.set))
@@ -126,7 +126,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     """Base checkpoint + PEFT adapter -> a merged Hugging Face folder (config.json + model.safetensors)."""
-    from jaxpeft.train.run import merge_to_folder
+    from jaxpeft.train.runner import merge_to_folder
 
     try:
         print(merge_to_folder(args.checkpoint, args.adapter, args.out, task=args.task))

@@ -10,7 +10,7 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "run", "evaluate"]
 
 def __getattr__(name):  # keep `import jaxpeft.train` light: the loop pulls in jax, optax, orbax
     if name in ("run", "evaluate"):
-        from jaxpeft.train import run as _run
+        import importlib
 
-        return getattr(_run, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module("jaxpeft.train.runner"), name)
+    raise AttributeError(f"module 'jaxpeft.train' has no attribute {name!r}")
