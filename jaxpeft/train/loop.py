@@ -48,6 +48,7 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
 
     The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the gradient is the
     token-weighted mean over all of them, equal to one big batch's. Only `trainable` is differentiated.
+    A non-finite loss or gradient returns the inputs unchanged and loss = NaN.
     """
     def loss_fn(trainable, frozen, extras, mb, rng):
         state = {"trainable": trainable, "extras": extras}
@@ -69,8 +70,14 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         (grads, total, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, total / count
+        loss = total / count
+        # a non-finite loss or gradient leaves the state untouched (and is reported as a NaN loss), so no
+        # NaN ever reaches the weights, the optimizer state or a checkpoint
+        ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), jnp.where(ok, loss, jnp.nan)
 
     return jax.jit(step_fn, donate_argnums=(0, 1))
 

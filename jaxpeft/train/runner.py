@@ -214,9 +214,14 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
             trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, extras, batch, np.int32(step))
             loss = float(loss)
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at step {step + 1} (epoch {epoch}, batch {index}); stopped. "
-                                       f"The last good checkpoint is step {ckpt.latest_step()} in {out / 'checkpoints'}: "
-                                       "lower optim.lr, set optim.clip_norm, or check the data")
+                # checkpoint s holds the weights the loss at loop step s was computed with: those before
+                # `step` gave finite losses, the one at `step` (if saved) did not
+                good = [s for s in ckpt.all_steps() if s < step]
+                where = (f"the last good checkpoint is step {max(good)} in {out / 'checkpoints'}" if good
+                         else "no checkpoint was saved before it")
+                raise TrainingDiverged(f"loss or gradient is not finite at step {step + 1} (epoch {epoch}, batch "
+                                       f"{index}); stopped with the weights unchanged, {where}: lower optim.lr, "
+                                       "set optim.clip_norm, or check the data")
             tokens += int(batch["attention_mask"].sum())
             result.train_losses.append((step + 1, loss))
             logger.progress(step + 1, loss, int(batch["attention_mask"].sum()))
