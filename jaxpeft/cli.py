@@ -114,6 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Checkpoint of a run -> PEFT folder."""
+    _enable_compilation_cache()
     from jaxpeft.train.runner import export_checkpoint
 
     try:

@@ -8,16 +8,37 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A bad run configuration; the message names the key and the fix."""
+
+
+# integers and booleans are checked strictly (`steps: true` or `steps: "5"` is an error, as in the adapter
+# section); floats stay lax so YAML's `1e-3` (a string to YAML 1.1) still reads as a number
+Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`1e-3`, `5e-2`) as floats."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -33,7 +54,7 @@ class ModelSection(_Section):
     """Compute dtype."""
     param_dtype: Literal["float32", "bfloat16"] | None = None
     """Storage dtype of the frozen weights (default: dtype). Adapter weights always stay float32."""
-    scan_layers: bool = True
+    scan_layers: Bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     """Activation rematerialisation per layer (jax.checkpoint policy)."""
 
@@ -71,8 +92,8 @@ class AdapterSection(_Section):
                 raise ConfigError(f"adapter.{key}={value!r}: expected {_type_name(hints[key])}") from None
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"adapter: {e}") from e
+        except (TypeError, ValueError) as e:  # the method's messages start with the field: 'r=0: ...'
+            raise ConfigError(f"adapter.{e}") from e
 
 
 def _type_name(hint: Any) -> str:
@@ -86,12 +107,12 @@ class DataSection(_Section):
     """Folder with {train,validation,test}.jsonl (or .csv/.parquet), or a `datasets` hub name."""
     train_split: str = "train"
     eval_split: str = "validation"
-    max_train_rows: int | None = Field(default=None, gt=0)
-    max_eval_rows: int | None = Field(default=None, gt=0)
-    max_length: int = Field(default=128, gt=0)
+    max_train_rows: Int | None = Field(default=None, gt=0)
+    max_eval_rows: Int | None = Field(default=None, gt=0)
+    max_length: Int = Field(default=128, gt=0)
     """Longest tokenized example; longer rows are an error unless truncate is true."""
-    truncate: bool = False
-    buckets: tuple[int, ...] = (32, 64, 128)
+    truncate: Bool = False
+    buckets: tuple[Int, ...] = (32, 64, 128)
     """Padded lengths (jit compiles once per bucket); rows go to the smallest bucket that fits."""
     prompt_format: Literal["plain", "chat"] = "plain"
     """'plain': prompt + ' ' + response; 'chat': the checkpoint's chat template around the prompt."""
@@ -114,12 +135,14 @@ class DataSection(_Section):
             raise ValueError("buckets must be positive, strictly increasing lengths")
         return v
 
-    @model_validator(mode="after")
-    def _lengths(self) -> DataSection:
-        if self.buckets[-1] < self.max_length:
-            raise ValueError(f"the largest bucket ({self.buckets[-1]}) is smaller than max_length "
-                             f"({self.max_length}): add a bucket >= max_length")
-        return self
+    @field_validator("buckets")
+    @classmethod
+    def _lengths(cls, v: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        max_length = info.data.get("max_length")
+        if max_length is not None and v and v[-1] < max_length:
+            raise ValueError(f"the largest bucket ({v[-1]}) is smaller than max_length ({max_length}): "
+                             "add a bucket >= max_length")
+        return v
 
 
 class OptimSection(_Section):
@@ -129,43 +152,45 @@ class OptimSection(_Section):
     b1: float = Field(default=0.9, ge=0, lt=1)
     b2: float = Field(default=0.999, ge=0, lt=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: Int = Field(default=0, ge=0)
     clip_norm: float | None = Field(default=1.0, gt=0)
 
 
 class TrainSection(_Section):
-    steps: int = Field(default=100, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
+    steps: Int = Field(default=100, gt=0)
+    batch_size: Int = Field(default=8, gt=0)
+    grad_accum: Int = Field(default=1, gt=0)
     """Micro-batches per optimizer step (each micro-batch holds batch_size // grad_accum rows)."""
-    seed: int = 0
-    eval_every: int = Field(default=50, gt=0)
-    eval_batch_size: int = Field(default=32, gt=0)
-    log_every: int = Field(default=10, gt=0)
+    seed: Int = 0
+    eval_every: Int = Field(default=50, gt=0)
+    eval_batch_size: Int = Field(default=32, gt=0)
+    log_every: Int = Field(default=10, gt=0)
     output_dir: str = "runs/default"
-    keep_last: int = Field(default=2, gt=0)
-    checkpoint_every: int = Field(default=50, gt=0)
+    keep_last: Int = Field(default=2, gt=0)
+    checkpoint_every: Int = Field(default=50, gt=0)
     best_metric: str | None = "eval_loss"
     """Metric that chooses the kept best checkpoint (eval_loss, accuracy, exact_match, ...)."""
     best_mode: Literal["min", "max"] = "min"
-    eval_before_training: bool = True
-    resume: bool = True
+    eval_before_training: Bool = True
+    resume: Bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
 
-    @model_validator(mode="after")
-    def _accum(self) -> TrainSection:
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        return self
+    @field_validator("grad_accum")
+    @classmethod
+    def _accum(cls, v: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % v:
+            raise ValueError(f"batch_size ({batch}) must be divisible by grad_accum ({v})")
+        return v
 
 
 class GenerationSection(_Section):
-    max_new_tokens: int = Field(default=16, gt=0)
+    max_new_tokens: Int = Field(default=16, gt=0)
     temperature: float = Field(default=0.0, ge=0)
-    top_k: int = Field(default=0, ge=0)
+    top_k: Int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    show_examples: int = Field(default=3, ge=0)
-    eval_generate: bool = True
+    show_examples: Int = Field(default=3, ge=0)
+    eval_generate: Bool = True
     """Compute generation metrics (exact match, BLEU, ...) at evaluation for causal-LM tasks."""
 
 
@@ -198,7 +223,7 @@ def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str]
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({e})") from e
         if not isinstance(raw, dict):
@@ -207,7 +232,7 @@ def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
         key, value = item.split("=", 1)
-        _set(raw, key.strip(), yaml.safe_load(value))
+        _set(raw, key.strip(), _yaml(value))
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:

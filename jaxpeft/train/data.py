@@ -35,15 +35,18 @@ def load_split(section: DataSection, split: str, max_rows: int | None = None) ->
     if section.path.startswith("tfds:"):
         return _load_tfds(section.path[len("tfds:"):], split, max_rows)
     path = Path(section.path).expanduser()
-    if path.is_dir():
-        files = [path / f"{split}{ext}" for ext in _FORMATS if (path / f"{split}{ext}").exists()]
-        if not files:
-            raise DataError(f"{path}: no {split}.jsonl/.json/.csv/.parquet file for split {split!r}")
-        ds = datasets.load_dataset(_FORMATS[files[0].suffix], data_files={split: str(files[0])}, split=split)
-        where = str(files[0])
-    elif path.suffix in _FORMATS and path.exists():
-        ds = datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
-        where = str(path)
+    if path.is_dir() or (path.suffix in _FORMATS and path.exists()):
+        file = path
+        if path.is_dir():
+            files = [path / f"{split}{ext}" for ext in _FORMATS if (path / f"{split}{ext}").exists()]
+            if not files:
+                raise DataError(f"{path}: no {split}.jsonl/.json/.csv/.parquet file for split {split!r}")
+            file = files[0]
+        try:
+            ds = datasets.load_dataset(_FORMATS[file.suffix], data_files={split: str(file)}, split=split)
+        except (StopIteration, ValueError) as e:  # what `datasets` raises for a file without rows
+            raise DataError(f"{file}: split {split!r} is empty or unreadable ({type(e).__name__}: {e})") from e
+        where = str(file)
     else:
         try:
             ds = datasets.load_dataset(section.path, split=split)

@@ -29,8 +29,10 @@ def _check_len(n: int, cfg: RunConfig, row_index: int) -> None:
 
 
 def _field(row: dict[str, Any], name: str, row_index: int, key: str) -> Any:
-    if name not in row:
-        raise DataError(f"row {row_index}: no field {name!r} (set data.{key}; the row has {sorted(row)})")
+    """row[name]; missing or None (what `datasets` fills in for rows lacking a column) is a DataError."""
+    if row.get(name) is None:
+        present = sorted(k for k, v in row.items() if v is not None)
+        raise DataError(f"row {row_index}: no field {name!r} (set data.{key}; the row has {present})")
     return row[name]
 
 
