@@ -17,6 +17,7 @@ import torch
 from flax.core import meta
 
 import hf_tiny
+from jaxpeft.adapters.merge import merge
 from jaxpeft.adapters import ALL, AdaptedModel
 from jaxpeft.adapters.dora import Dora, DoraConfig, weight_norm
 from jaxpeft.adapters.lora import LoraConfig
@@ -100,28 +101,8 @@ def _weights(shape, seed=3):
 
 
 def _merged_params(am, params, state):
-    """The base params with each adapted kernel/bias replaced by Dora.merge (per layer, selected layers only)."""
-    method = METHODS[am.spec(NAME).config.method]
-    cfg = am.spec(NAME).config
-    merged = jax.tree.map(lambda x: x, params)
-    for t in am.spec(NAME).targets:
-        mod = _get(merged, t.flax_module)
-        tr, ex = _get(state["trainable"][NAME]["dense"], t.flax_module), _get(state["extras"][NAME], t.flax_module)
-        kernel, bias = np.array(mod["kernel"]), None if mod.get("bias") is None else np.array(mod["bias"])
-        for i in t.layers or (None,):
-            sel = (lambda v: v) if i is None else (lambda v, i=i: v[i])
-            k2, b2 = method.merge(cfg, t.options, sel(mod["kernel"]), None if bias is None else sel(mod["bias"]),
-                                  jax.tree.map(sel, tr), jax.tree.map(sel, ex), sel(ex["scale"]))
-            if i is None:
-                kernel, bias = np.asarray(k2), None if bias is None else np.asarray(b2)
-            else:
-                kernel[i] = np.asarray(k2)
-                if bias is not None:
-                    bias[i] = np.asarray(b2)
-        mod["kernel"] = jnp.asarray(kernel)
-        if bias is not None:
-            mod["bias"] = jnp.asarray(bias)
-    return merged
+    """The base params with the adapter merged by the library (per layer, selected layers only)."""
+    return merge(am, params, state, NAME)[0]
 
 
 # ---------------------------------------------------------------------------------------------- parity

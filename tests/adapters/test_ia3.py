@@ -19,6 +19,7 @@ from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES
                                   TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
 
 import hf_tiny
+from jaxpeft.adapters.merge import merge
 from jaxpeft.adapters import ALL, AdaptedModel
 from jaxpeft.adapters.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, IA3, IA3Config, is_feedforward
 from jaxpeft.adapters.method import METHODS
@@ -105,30 +106,8 @@ def _hf_kwargs(tiny, ids, mask, tt):
 
 
 def _merged_params(am, params, state):
-    """The base params with each adapted kernel/bias replaced by IA3.merge (per layer, selected layers only)."""
-    spec = am.spec(NAME)
-    method = METHODS[spec.config.method]
-    merged = jax.tree.map(lambda x: x, params)
-    for t in spec.targets:
-        mod = _get(merged, t.flax_module)
-        tr, ex = _get(state["trainable"][NAME]["dense"], t.flax_module), _get(state["extras"][NAME], t.flax_module)
-        kernel = np.array(mod["kernel"])
-        bias = None if mod.get("bias") is None else np.array(mod["bias"])
-        for i in t.layers or (None,):
-            sel = (lambda v: v) if i is None else (lambda v, i=i: v[i])
-            k2, b2 = method.merge(spec.config, t.options, sel(mod["kernel"]),
-                                  None if bias is None else sel(mod["bias"]), jax.tree.map(sel, tr),
-                                  jax.tree.map(sel, ex), sel(ex["scale"]))
-            if i is None:
-                kernel, bias = np.asarray(k2), None if bias is None else np.asarray(b2)
-            else:
-                kernel[i] = np.asarray(k2)
-                if bias is not None:
-                    bias[i] = np.asarray(b2)
-        mod["kernel"] = jnp.asarray(kernel)
-        if bias is not None:
-            mod["bias"] = jnp.asarray(bias)
-    return merged
+    """The base params with the adapter merged by the library (per layer, selected layers only)."""
+    return merge(am, params, state, NAME)[0]
 
 
 # ---------------------------------------------------------------------------------------------- parity
