@@ -545,15 +545,13 @@ def test_smollm2_special_tokens(smollm2_loaded):
 
 
 @pytest.mark.real_weights
-def test_smollm2_cache_is_faster_and_identical(smollm2_gguf, smollm2_loaded, monkeypatch):
-    ck, uncached_s, cache = smollm2_loaded
+def test_smollm2_second_load_reads_the_cache_without_converting_and_is_identical(smollm2_gguf, smollm2_loaded,
+                                                                                monkeypatch):
+    """The cached load never dequantizes (conversion is forbidden here) and gives identical tensors; its speed is
+    a benchmark matter, not asserted in a unit test."""
+    ck, _, cache = smollm2_loaded
     _forbid_conversion(monkeypatch)
-    t = time.perf_counter()
-    cached = load_gguf(smollm2_gguf, cache_dir=cache)
-    cached_s = time.perf_counter() - t
-    _same_checkpoint(ck, cached)
-    print(f"SmolLM2 load_gguf: uncached {uncached_s:.2f} s (incl. writing the cache), cached {cached_s:.2f} s")
-    assert cached_s < uncached_s
+    _same_checkpoint(ck, load_gguf(smollm2_gguf, cache_dir=cache))
 
 
 @pytest.mark.real_weights
