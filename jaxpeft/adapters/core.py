@@ -1,4 +1,5 @@
-"""`AdaptedModel`: named adapters attached to any linen model by intercepting its dense layers.
+"""`AdaptedModel`: named adapters attached to any linen model by intercepting its layers: dense layers
+(LoRA family, SVD family) and attention prefix hooks (prefix tuning, P-tuning v2, APT).
 
 Imports flax/jax, jaxpeft.models and sibling adapter modules; never training code. The base params are
 never rewritten or copied: adapters live in their own variable collections ('adapter:<name>' trainable,
@@ -19,15 +20,25 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import method_for
-from jaxpeft.adapters.targeting import DenseModule, ModuleTarget, dense_modules, generic_dense_modules, resolve_targets
+from jaxpeft.adapters.targeting import (DenseModule, HookSite, ModuleTarget, dense_modules, find_hook_sites,
+                                       generic_dense_modules, resolve_targets, select_hook_sites)
+from jaxpeft.models.attention import Prefix, PrefixHook
+from jaxpeft.models.cache import KVCache
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.layers import Dense
 
 AdapterState = dict[str, dict[str, Any]]
-"""{'trainable': {name: {'dense': tree, 'saved': {module: params}}}, 'extras': {name: tree}}."""
+"""The same layout for every method kind:
+{'trainable': {name: {'modules': tree, 'shared': tree, 'saved': {module: params}}},
+ 'extras': {name: {'modules': tree, 'shared': tree}}}.
+'modules' holds the per-site variables the interceptions create, keyed by flax module path and stacked on the
+layer axis like the base ('layers/self_attn/q_proj/lora_A', 'layers/self_attn/prefix/prefix_k'); 'shared' holds
+variables outside the scanned stack (e.g. a prefix reparameterisation MLP); 'saved' holds modules trained in
+full (modules_to_save). 'trainable' is what is differentiated and optimised; 'extras' is frozen."""
 
 ALL = "__all__"
 _INIT_CACHE: dict[Any, Any] = {}
+_HOOK_SITES: dict[Any, tuple[HookSite, ...]] = {}
 
 
 def trainable_collection(name: str) -> str:
@@ -45,6 +56,16 @@ class AdapterSpec:
     name: str
     config: AdapterConfig
     targets: tuple[ModuleTarget, ...]
+    hooks: tuple[HookSite, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return method_for(self.config).kind
+
+    @property
+    def sites(self) -> tuple[Any, ...]:
+        """Every intercepted site: dense targets and prefix hooks."""
+        return self.targets + self.hooks
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,12 @@ class AdaptedModel:
         method = method_for(config)
         if config.method == "full":  # no interception: whole modules are trained (see init)
             return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, ()),))
+        if method.kind == "prefix":
+            if config.target_modules is not None:
+                raise ValueError(f"adapter {name!r} ({config.method}): prefix methods attach to every attention "
+                                 "layer's prefix hook; use layers_to_transform to choose layers, not target_modules")
+            hooks = select_hook_sites(self.hook_sites(), config.layers_to_transform)
+            return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, (), hooks),))
         targets = config.target_modules
         if targets is None:
             if self.model_cfg is None:
@@ -120,6 +147,13 @@ class AdaptedModel:
                                  "per-layer ranks of one stacked module are not supported: use one rank per module")
         return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, resolved),))
 
+    def hook_sites(self) -> tuple[HookSite, ...]:
+        """The model's attention prefix hooks (traced once per model, abstractly)."""
+        key = (self.module, self.init_inputs)
+        if key not in _HOOK_SITES:
+            _HOOK_SITES[key] = find_hook_sites(self.module, self.init_inputs, self.modules)
+        return _HOOK_SITES[key]
+
     def delete(self, name: str) -> AdaptedModel:
         """A copy without adapter `name` (drop its entries from your AdapterState with `drop_adapter`)."""
         self.spec(name)
@@ -131,13 +165,13 @@ class AdaptedModel:
         specs = [s for s in self.adapters if names is None or s.name in names]
         if not specs:
             raise ValueError("no adapter to initialise: add one with AdaptedModel.add(name, config)")
-        dense_specs = [s for s in specs if s.targets]
-        cols = [c for s in dense_specs for c in (trainable_collection(s.name), extras_collection(s.name))]
+        site_specs = [s for s in specs if s.sites]
+        cols = [c for s in site_specs for c in (trainable_collection(s.name), extras_collection(s.name))]
 
         def run(frozen, rng):
-            if not dense_specs:
+            if not site_specs:
                 return {}
-            icpt = _Interceptor(dense_specs, None, None, deterministic=True, init_mode=True)
+            icpt = _Interceptor(site_specs, None, None, deterministic=True, init_mode=True)
             with nn.intercept_methods(icpt):
                 inputs = [jnp.zeros(shape, dtype) for shape, dtype in self.init_inputs]
                 _, variables = self.module.apply({"params": frozen}, *inputs, mutable=cols, rngs={"adapter": rng})
@@ -146,10 +180,13 @@ class AdaptedModel:
         key = (self, tuple(s.name for s in specs))
         if key not in _INIT_CACHE:  # one compile per adapter set, not per call
             _INIT_CACHE[key] = jax.jit(run)
-        variables = _INIT_CACHE[key](frozen, rng)
+        site_rng, shared_rng = jax.random.split(rng)
+        variables = _INIT_CACHE[key](frozen, site_rng)
         state: AdapterState = {"trainable": {}, "extras": {}}
-        for s in specs:
+        for k, s in enumerate(specs):
+            method = method_for(s.config)
             extras = _set_layer_values(s, variables.get(extras_collection(s.name), {}))
+            shared, shared_extras = method.init_shared(s.config, s.sites, jax.random.fold_in(shared_rng, k))
             saved = {}
             modules = s.config.modules_to_save or (tuple(frozen) if s.config.method == "full" else ())
             for mod in modules:
@@ -157,22 +194,26 @@ class AdaptedModel:
                     raise ValueError(f"modules_to_save entry {mod!r} is not a top-level module of this model "
                                      f"(have {sorted(frozen)})")
                 saved[mod] = jax.tree.map(jnp.array, frozen[mod])  # a trainable copy; the base stays as is
-            state["trainable"][s.name] = {"dense": _plain(variables.get(trainable_collection(s.name), {})),
-                                          "saved": saved}
-            state["extras"][s.name] = extras
+            state["trainable"][s.name] = {"modules": _plain(variables.get(trainable_collection(s.name), {})),
+                                          "shared": _to_dict(shared), "saved": saved}
+            state["extras"][s.name] = {"modules": extras, "shared": _to_dict(shared_extras)}
         return state
 
     # ---- apply ---------------------------------------------------------------------------------------
     def apply(self, frozen: Mapping[str, Any], state: AdapterState | None, *args: Any,
               active: str | Sequence[str] | None = ALL, adapter_index: jax.Array | None = None,
               deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None,
-              method: Any = None, **kwargs: Any) -> Any:
+              method: Any = None, capture: bool = False, **kwargs: Any) -> Any:
         """Run the model with adapters.
 
         active: ALL (every adapter in `state`), a name, a tuple of names (their deltas add up, as PEFT does
             with several active adapters), or None / () for the exact base model. Static.
         adapter_index: (B,) int array choosing per example which of `active` to use (-1 = none): different
-            rows of one batch use different adapters without copying the base.
+            rows of one batch use different adapters without copying the base (a prefix adapter's entries are
+            hidden from, and its position shift not applied to, the rows that do not use it).
+        capture: also return the probe values methods record (e.g. APT's gates): (output, {'probes': tree}).
+        Prefix adapters with a position offset shift the model's default positions (`position_offset_b`);
+        decoding with a cache takes the shift from the cache (`init_cache`).
         """
         names = self._active(state, active)
         params = dict(frozen)
@@ -184,15 +225,71 @@ class AdaptedModel:
                                  "per-example adapter_index")
             params.update(saved[0])
         variables: dict[str, Any] = {"params": params}
-        specs = [s for s in specs if s.targets]
-        for n in (s.name for s in specs):
-            variables[trainable_collection(n)] = state["trainable"][n]["dense"]
-            variables[extras_collection(n)] = state["extras"][n]
-        kw = dict(kwargs, deterministic=deterministic) if _accepts_deterministic(self.module, method) else kwargs
-        if not specs:
-            return self.module.apply(variables, *args, rngs=rngs, method=method, **kw)
-        with nn.intercept_methods(_Interceptor(specs, names, adapter_index, deterministic, init_mode=False)):
-            return self.module.apply(variables, *args, rngs=rngs, method=method, **kw)
+        site_specs = [s for s in specs if s.sites]
+        for s in site_specs:
+            tr, ex = state["trainable"][s.name], state["extras"][s.name]
+            expanded = method_for(s.config).expand(s.config, s.sites, tr.get("shared", {}), ex.get("shared", {}))
+            variables[trainable_collection(s.name)] = _merge_paths(tr["modules"], expanded)
+            variables[extras_collection(s.name)] = ex["modules"]
+        kw = dict(kwargs, deterministic=deterministic) if _accepts(self.module, method, "deterministic") else kwargs
+        offset = self.position_offsets(names, adapter_index, args[0].shape[0] if args else None)
+        if offset is not None and "cache" not in kwargs and "positions_bt" not in kwargs:
+            if not _accepts(self.module, method, "position_offset_b"):
+                raise ValueError("this model takes no position_offset_b input, so it cannot shift positions for a "
+                                 "prefix: set position_offset=0 in the prefix adapter's config")
+            kw["position_offset_b"] = offset
+        mutable = ["probes"] if capture else False
+        if not site_specs:
+            return self.module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kw)
+        with nn.intercept_methods(_Interceptor(site_specs, names, adapter_index, deterministic, init_mode=False,
+                                               capture=capture)):
+            return self.module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kw)
+
+    def position_offsets(self, names: Sequence[str], adapter_index: jax.Array | None, batch: int | None
+                         ) -> jax.Array | None:
+        """(B,) int32 position shift of each row from the active prefix adapters (None when all shifts are 0)."""
+        total = None
+        for k, n in enumerate(names):
+            spec = self.spec(n)
+            if spec.kind != "prefix":
+                continue
+            off = method_for(spec.config).position_offset(spec.config)
+            if not off:
+                continue
+            if adapter_index is not None:
+                row = jnp.where(adapter_index == k, off, 0).astype(jnp.int32)
+            else:
+                if batch is None:
+                    raise ValueError("position offsets need the batch size: pass the input ids positionally")
+                row = jnp.full((batch,), off, jnp.int32)
+            total = row if total is None else total + row
+        return total
+
+    def init_cache(self, state: AdapterState | None, batch: int, max_len: int, *, active: str | Sequence[str] | None = ALL,
+                   adapter_index: jax.Array | None = None, dtype: Any = None) -> KVCache:
+        """An empty KV cache for decoding with these adapters: the active prefix adapters' slots reserved before
+        the tokens (written once at prefill) and each row's first position shifted by its position offset."""
+        cfg = self.model_cfg
+        if cfg is None:
+            raise ValueError("init_cache needs a jaxpeft decoder backbone (AdaptedModel.wrap)")
+        from jaxpeft.models.layers import jnp_dtype
+
+        names = self._active(state, active)
+        slots = sum(method_for(self.spec(n).config).num_slots(self.spec(n).config) for n in names
+                    if self.spec(n).kind == "prefix")
+        return KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim,
+                            dtype or jnp_dtype(cfg.dtype), prefix_slots=slots,
+                            position_offset_b=self.position_offsets(names, adapter_index, batch))
+
+    def prefix_slots(self, state: AdapterState | None = None, active: str | Sequence[str] | None = ALL) -> int:
+        """How many key/value entries the active prefix adapters add to every attention layer."""
+        names = self._active(state, active) if state is not None else self.names
+        return sum(method_for(self.spec(n).config).num_slots(self.spec(n).config) for n in names
+                   if self.spec(n).kind == "prefix")
+
+    def max_position_shift(self) -> int:
+        """The largest position offset the adapters apply (length checks against learned positions count it)."""
+        return sum(method_for(s.config).position_offset(s.config) for s in self.adapters if s.kind == "prefix")
 
     def _active(self, state: AdapterState | None, active: str | Sequence[str] | None) -> tuple[str, ...]:
         if active is None or (not isinstance(active, str) and len(active) == 0):
@@ -212,39 +309,62 @@ class AdaptedModel:
         lines = []
         for s in self.adapters:
             lines.append(f"adapter {s.name!r} ({s.config.method}):")
-            tr = (state or {}).get("trainable", {}).get(s.name, {}).get("dense", {})
-            for t in s.targets:
+            group = (state or {}).get("trainable", {}).get(s.name, {})
+            tr = group.get("modules", {})
+            for t in s.sites:
                 node = _get_path(tr, t.flax_module) or {}
                 shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(node.items()))
                 layers = f"layers {_ranges(t.layers)}" if t.layered else "no layer axis"
-                lines.append(f"  {t.hf_module}  [{t.n_in}->{t.n_out}; {layers}]  {shapes}")
+                what = (f"{t.n_in}->{t.n_out}" if isinstance(t, ModuleTarget)
+                        else f"prefix hook, {t.num_kv_heads}x{t.head_dim} per entry")
+                lines.append(f"  {t.hf_module}  [{what}; {layers}]  {shapes}")
+            for key, v in sorted(jax.tree_util.tree_flatten_with_path(group.get("shared", {}))[0],
+                                 key=lambda kv: jax.tree_util.keystr(kv[0])):
+                lines.append(f"  shared {jax.tree_util.keystr(key)} {tuple(v.shape)}")
             for mod in (state or {}).get("trainable", {}).get(s.name, {}).get("saved", {}) or s.config.modules_to_save:
                 lines.append(f"  {mod}  (trained in full)")
         return "\n".join(lines)
 
 
 class _Interceptor:
-    """Intercepts Dense.__call__ of targeted modules; adds each active adapter's delta."""
+    """Intercepts Dense.__call__ of targeted modules (adds each active adapter's delta) and PrefixHook.__call__
+    of targeted attention layers (returns the active prefix adapters' entries, concatenated)."""
 
     def __init__(self, specs: Sequence[AdapterSpec], names: tuple[str, ...] | None, adapter_index: jax.Array | None,
-                 deterministic: bool, init_mode: bool):
-        self.by_path: dict[str, list[tuple[int, AdapterSpec, ModuleTarget]]] = {}
-        for k, s in enumerate(specs):
-            for t in s.targets:
+                 deterministic: bool, init_mode: bool, capture: bool = False):
+        self.by_path: dict[str, list[tuple[int, AdapterSpec, Any]]] = {}
+        for s in specs:
+            k = names.index(s.name) if names else 0
+            for t in s.sites:
                 self.by_path.setdefault(t.flax_module, []).append((k, s, t))
         self.adapter_index = adapter_index
         self.deterministic = deterministic
         self.init_mode = init_mode
+        self.capture = capture
 
     def __call__(self, next_fun, args, kwargs, context):
         m = context.module
-        if context.method_name != "__call__" or not isinstance(m, (Dense, nn.Dense)):
+        if context.method_name != "__call__" or not isinstance(m, (Dense, nn.Dense, PrefixHook)):
             return next_fun(*args, **kwargs)
         hits = self.by_path.get("/".join(m.path))
         if not hits:
             return next_fun(*args, **kwargs)
-        x = args[0]
-        base = next_fun(*args, **kwargs)
+        if isinstance(m, PrefixHook):
+            return self._prefix(m, hits, next_fun(*args, **kwargs), *args)
+        return self._dense(m, hits, next_fun(*args, **kwargs), args[0])
+
+    def _dropout(self, rate: float):
+        def dropout(z):
+            return nn.Dropout(rate)(z, deterministic=self.deterministic) if rate and not self.deterministic else z
+        return dropout
+
+    def _rows(self, k: int, ndim: int) -> jax.Array | None:
+        if self.adapter_index is None:
+            return None
+        rows = (self.adapter_index == k).astype(jnp.float32)
+        return rows.reshape(rows.shape + (1,) * (ndim - 1))
+
+    def _dense(self, m, hits, base, x):
         kernel = m.get_variable("params", "kernel")
         bias = m.get_variable("params", "bias") if m.use_bias else None
         y = base
@@ -262,19 +382,46 @@ class _Interceptor:
                     m.put_variable(xcol, key, v)
             trainable = dict(m.variables.get(col, {}))
             extras = dict(m.variables.get(xcol, {}))
-            rate = getattr(spec.config, "lora_dropout", 0.0)
-
-            def dropout(z, rate=rate):
-                return nn.Dropout(rate)(z, deterministic=self.deterministic) if rate and not self.deterministic else z
-
+            dropout = self._dropout(getattr(spec.config, "lora_dropout", 0.0))
             delta = method.forward(spec.config, options, x, base, lambda z: _dense(m, z, kernel, bias), kernel,
                                    bias, trainable, extras, extras["scale"], dropout)
             w = extras["layer_mask"].astype(jnp.float32)
-            if self.adapter_index is not None:
-                rows = (self.adapter_index == k).astype(jnp.float32)
-                w = w * rows.reshape(rows.shape + (1,) * (delta.ndim - 1))
+            rows = self._rows(k, delta.ndim)
+            if rows is not None:
+                w = w * rows
             y = y + (w * delta).astype(y.dtype)
         return y
+
+    def _prefix(self, m, hits, base: Prefix | None, x_btd, mask_bt, pool_mask_bt):
+        parts = [] if base is None else [base]
+        for k, spec, site in hits:
+            method = method_for(spec.config)
+            col, xcol = trainable_collection(spec.name), extras_collection(spec.name)
+            if self.init_mode:
+                trainable, extras = method.init_layer(spec.config, site, x_btd, m.make_rng("adapter"))
+                extras = dict(extras, layer_mask=jnp.ones((), jnp.float32))
+                for key, v in trainable.items():
+                    m.put_variable(col, key, v)
+                for key, v in extras.items():
+                    m.put_variable(xcol, key, v)
+            trainable = dict(m.variables.get(col, {}))
+            extras = dict(m.variables.get(xcol, {}))
+
+            def sow(name, value, m=m, spec=spec):
+                if self.capture:
+                    m.sow("probes", f"{spec.name}/{name}", value)
+
+            p = method.prefix(spec.config, site, x_btd, mask_bt, pool_mask_bt, trainable, extras,
+                              self._dropout(getattr(spec.config, "prefix_dropout", 0.0)), sow)
+            visible = p.mask_bl.astype(bool) & (extras["layer_mask"] > 0)
+            if self.adapter_index is not None:
+                visible = visible & (self.adapter_index == k)[:, None]
+            parts.append(p._replace(mask_bl=visible))
+        if len(parts) == 1:
+            return parts[0]
+        return Prefix(jnp.concatenate([q.k_blhd for q in parts], axis=1),
+                      jnp.concatenate([q.v_blhd.astype(parts[0].v_blhd.dtype) for q in parts], axis=1),
+                      jnp.concatenate([q.mask_bl for q in parts], axis=1))
 
 
 def _dense(m: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -284,14 +431,27 @@ def _dense(m: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None
     return y if bias is None else y + bias.astype(dtype)
 
 
-def _accepts_deterministic(module: nn.Module, method: Any) -> bool:
+def _accepts(module: nn.Module, method: Any, arg: str) -> bool:
     import inspect
 
     fn = getattr(type(module), method) if isinstance(method, str) else (method or type(module).__call__)
     try:
-        return "deterministic" in inspect.signature(fn).parameters
+        return arg in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _merge_paths(tree: Mapping[str, Any], additions: Mapping[str, Mapping[str, Any]]) -> Any:
+    """`tree` with {module path: {name: array}} added (a shallow copy: arrays are shared)."""
+    if not additions:
+        return tree
+    out = _to_dict(tree)
+    for path, leaves in additions.items():
+        node = out
+        for p in path.split("/"):
+            node = node.setdefault(p, {})
+        node.update(leaves)
+    return out
 
 
 def _plain(tree: Any) -> Any:
@@ -308,18 +468,20 @@ def _get_path(tree: Mapping[str, Any], path: str) -> Any:
 
 
 def _set_layer_values(spec: AdapterSpec, extras: Mapping[str, Any]) -> dict[str, Any]:
-    """Write the per-layer layer_mask and scale (alpha_pattern per layer) into the stacked extras."""
+    """Write the per-layer layer_mask, the scale (alpha_pattern per layer) of dense methods and the method's own
+    per-layer values into the stacked extras."""
     extras = jax.tree.map(lambda x: x, _to_dict(extras))
     method = method_for(spec.config)
-    for t in spec.targets:
+    for t in spec.sites:
         node = _get_path(extras, t.flax_module)
         if t.layered:
-            mask = jnp.zeros((t.num_layers,), jnp.float32).at[jnp.asarray(t.layers)].set(1.0)
-            scales = [method.scale(spec.config, dict(t.layer_options[0]))] * t.num_layers
-            for i, opts in zip(t.layers, t.layer_options):
-                scales[i] = method.scale(spec.config, dict(opts))
-            node["layer_mask"] = mask
-            node["scale"] = jnp.asarray(scales, jnp.float32)
+            node["layer_mask"] = jnp.zeros((t.num_layers,), jnp.float32).at[jnp.asarray(t.layers)].set(1.0)
+            if isinstance(t, ModuleTarget):
+                scales = [method.scale(spec.config, dict(t.layer_options[0]))] * t.num_layers
+                for i, opts in zip(t.layers, t.layer_options):
+                    scales[i] = method.scale(spec.config, dict(opts))
+                node["scale"] = jnp.asarray(scales, jnp.float32)
+            node.update(method.layer_extras(spec.config, t))
     return extras
 
 

@@ -25,8 +25,12 @@ def merge(model: AdaptedModel, frozen: Mapping[str, Any], state: AdapterState, n
     reproduces `model.apply(frozen, state, ..., active=name)` (dropout off)."""
     spec = model.spec(name)
     method = method_for(spec.config)
-    dense = state["trainable"][name]["dense"]
-    extras = state["extras"][name]
+    if method.kind != "dense":
+        raise ValueError(f"adapter {name!r} ({spec.config.method}) cannot be merged: a {method.kind} method adds "
+                         "key/value entries to attention, not a change of any weight; run it unmerged (its cost is "
+                         "l extra keys per layer), or use a dense method such as LoRA when you need merged weights")
+    dense = state["trainable"][name]["modules"]
+    extras = state["extras"][name]["modules"]
     merged = _shallow_copy(frozen)
     originals: Originals = {}
     for t in spec.targets:

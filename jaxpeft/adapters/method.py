@@ -1,7 +1,9 @@
-"""`DenseMethod`: what a dense-layer adapter method provides (init, forward, merge), and the method registry.
+"""Method kinds and the registry: `Method` (what every method may provide), `DenseMethod` (intercepts dense
+layers: LoRA family, SVD family) and `PrefixMethod` (intercepts attention `PrefixHook`s: prefix tuning,
+P-tuning v2, APT).
 
-Imports jax and jaxpeft.adapters.config only. A new method is one module defining a DenseMethod subclass
-plus one `register` call.
+Imports jax, jaxpeft.models.attention (the `Prefix` record) and jaxpeft.adapters.config only. A new method is one
+module defining a subclass plus one `register` call.
 """
 from __future__ import annotations
 
@@ -11,11 +13,48 @@ from typing import Any, ClassVar
 import jax
 
 from jaxpeft.adapters.config import AdapterConfig
+from jaxpeft.models.attention import Prefix
 
 Vars = dict[str, jax.Array]
 
 
-class DenseMethod:
+class Method:
+    """What every method kind may provide besides its interception.
+
+    kind: 'dense' or 'prefix' (which extension point the core intercepts for it).
+    Shared variables are not per layer (e.g. a prefix reparameterisation MLP): they live in the adapter state
+    under 'shared', outside the scanned stack, and `expand` turns them into per-layer variables (stacked on the
+    layer axis) at every apply, inside the traced function, so gradients reach them.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[AdapterConfig]]
+    kind: ClassVar[str] = "dense"
+    has_peft_format: ClassVar[bool] = True
+    """False: `export_peft` refuses it and runs save the documented jaxpeft format instead."""
+
+    def init_shared(self, cfg: AdapterConfig, sites: tuple[Any, ...], rng: jax.Array) -> tuple[Vars, Vars]:
+        """(trainable, frozen) shared variables, created once (not per layer)."""
+        return {}, {}
+
+    def expand(self, cfg: AdapterConfig, sites: tuple[Any, ...], shared: Vars, shared_extras: Vars
+               ) -> dict[str, Vars]:
+        """{flax module path: per-layer variables (L, ...)} computed from the shared ones (default none)."""
+        return {}
+
+    def layer_extras(self, cfg: AdapterConfig, site: Any) -> dict[str, jax.Array]:
+        """Frozen per-layer values written over the stacked extras after init: {name: (L, ...)}."""
+        return {}
+
+    def count(self, cfg: AdapterConfig, site: Any, node: Vars) -> int:
+        """Trainable parameters of one site (all its layers), excluding padding; default: the selected layers."""
+        import numpy as np
+
+        size = sum(int(np.prod(v.shape)) for v in node.values())
+        return size // site.num_layers * len(site.layers) if site.layered else size
+
+
+class DenseMethod(Method):
     """An adapter on dense layers `y = x @ W0 + b` (W0: (n_in, n_out)).
 
     Subclasses set `name` and `config_cls` and implement `init`, `forward` and `merge`. The core calls
@@ -23,8 +62,7 @@ class DenseMethod:
     a per-layer `layer_mask` and the per-layer `scale` for them in the adapter's frozen extras.
     """
 
-    name: ClassVar[str]
-    config_cls: ClassVar[type[AdapterConfig]]
+    kind = "dense"
 
     def default_targets(self, arch: str) -> tuple[str, ...]:
         raise NotImplementedError
@@ -59,16 +97,53 @@ class DenseMethod:
         raise NotImplementedError
 
 
-METHODS: dict[str, DenseMethod] = {}
+class PrefixMethod(Method):
+    """An adapter that gives attention layers extra key/value entries (intercepts `PrefixHook`).
+
+    Per layer (under scan each call sees one layer's slice) `init_layer` creates variables and `prefix`
+    returns a `Prefix` for the batch. The core keeps a per-layer `layer_mask` (layers_to_transform) in the
+    frozen extras and hides the entries of rows that do not use the adapter (per-example adapter index).
+    A prefix cannot be merged into weights.
+    """
+
+    kind = "prefix"
+
+    def num_slots(self, cfg: AdapterConfig) -> int:
+        """l: the entries per layer (the longest layer's, with per-layer lengths)."""
+        raise NotImplementedError
+
+    def position_offset(self, cfg: AdapterConfig) -> int:
+        """How far the real tokens' positions shift (0 or l; Hugging Face PEFT shifts by l)."""
+        return 0
+
+    def init_layer(self, cfg: AdapterConfig, site: Any, x_btd: jax.Array, rng: jax.Array) -> tuple[Vars, Vars]:
+        """(trainable, frozen) variables of one layer; x_btd (B, T, D) is what the hook receives."""
+        raise NotImplementedError
+
+    def prefix(self, cfg: AdapterConfig, site: Any, x_btd: jax.Array, mask_bt: jax.Array, pool_mask_bt: jax.Array,
+               trainable: Vars, extras: Vars, dropout: Callable[[jax.Array], jax.Array],
+               sow: Callable[[str, jax.Array], None]) -> Prefix:
+        """The layer's entries: k_blhd, v_blhd (B, l, H_kv, d_h), mask_bl (B, l). `sow(name, value)` records a
+        probe value (e.g. gates) when the caller asked for probes."""
+        raise NotImplementedError
+
+    def fold(self, cfg: AdapterConfig, sites: tuple[Any, ...], trainable: dict[str, Any], extras: dict[str, Any]
+             ) -> tuple[AdapterConfig, dict[str, Any], dict[str, Any]]:
+        """The same adapter without training-time machinery (e.g. a reparameterisation MLP folded into plain
+        prefixes): (config, trainable, extras) of one adapter's state. Default: unchanged."""
+        return cfg, trainable, extras
 
 
-def register(method: DenseMethod) -> DenseMethod:
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
     """Add a method to the registry under `method.name`."""
     METHODS[method.name] = method
     return method
 
 
-def method_for(cfg: AdapterConfig) -> DenseMethod:
+def method_for(cfg: AdapterConfig) -> Any:
     if cfg.method not in METHODS:
         raise ValueError(f"unknown adapter method {cfg.method!r}; registered: {sorted(METHODS)}")
     return METHODS[cfg.method]

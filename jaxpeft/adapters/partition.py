@@ -45,23 +45,27 @@ def count_parameters(model: AdaptedModel, state: AdapterState, frozen: Mapping[s
                      name: str | None = None) -> tuple[int, int]:
     """(trainable, all) parameter counts as PEFT's `get_nb_trainable_parameters` reports them.
 
-    Layers excluded by `layers_to_transform` hold stacked placeholder weights: they are not counted.
+    Layers excluded by `layers_to_transform` hold stacked placeholder weights, and per-layer prefix lengths pad
+    shorter layers: neither is counted (each method counts its real parameters). Shared (not per-layer)
+    variables count once.
     `all` = base parameters + trainable parameters, as PEFT counts them (a modules_to_save copy adds to the
     original module); for full fine-tuning `all` is the base size.
     """
+    from jaxpeft.adapters.method import method_for
+
     names = [name] if name else list(state["trainable"])
     trainable = 0
     for n in names:
         spec = model.spec(n)
-        dense = state["trainable"][n]["dense"]
-        for t in spec.targets:
-            node = dense
+        group = state["trainable"][n]
+        method = method_for(spec.config)
+        for t in spec.sites:
+            node = group["modules"]
             for p in t.flax_module.split("/"):
-                node = node[p]
-            for leaf in node.values():
-                size = int(np.prod(leaf.shape))
-                trainable += size // t.num_layers * len(t.layers) if t.layered else size
-        trainable += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][n]["saved"]))
+                node = node.get(p, {}) if isinstance(node, Mapping) else {}
+            trainable += method.count(spec.config, t, dict(node))
+        trainable += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(group.get("shared", {})))
+        trainable += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(group["saved"]))
     base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
     full = sum(int(np.prod(x.shape)) for n in names if model.spec(n).config.method == "full"
                for x in jax.tree.leaves(state["trainable"][n]["saved"]))

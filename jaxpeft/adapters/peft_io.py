@@ -68,7 +68,7 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
     keys = _FILE_KEYS.get(spec.config.method)
     if keys is None:
         raise NotImplementedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
-    dense = state["trainable"][name]["dense"]
+    dense = state["trainable"][name]["modules"]
     out = {}
     for t in spec.targets:
         node = _get(dense, t.flax_module)
@@ -201,7 +201,7 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     used: set[str] = set()
     spec = model.spec(name)
     keys = _FILE_KEYS[config.method]
-    dense = state["trainable"][name]["dense"]
+    dense = state["trainable"][name]["modules"]
     missing = []
     for t in spec.targets:
         node = _get(dense, t.flax_module)

@@ -167,3 +167,79 @@ def _no_match_message(entry: str, names: list[str]) -> str:
     return (f"target_modules entry {entry!r} matches no module of this model; {hint}. "
             "Entries are suffixes of module paths (e.g. 'q_proj', 'attention.self.query') or one regex "
             "string matched against the whole path")
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """One attention layer's `PrefixHook` (the interception point of prefix methods).
+
+    flax_module: path of the hook module ('layers/self_attn/prefix'); layered: stacked by scan; layers: the
+    selected layer indices; num_kv_heads, head_dim: the entry shape it returns; hidden: the last dim of the
+    tensor it receives.
+    """
+
+    flax_module: str
+    layered: bool
+    num_layers: int
+    layers: tuple[int, ...]
+    num_kv_heads: int
+    head_dim: int
+    hidden: int
+
+    @property
+    def hf_module(self) -> str:
+        return self.flax_module.replace("/", ".")
+
+
+def find_hook_sites(module: Any, init_inputs: tuple[tuple[tuple[int, ...], str], ...],
+                    dense: tuple[DenseModule, ...]) -> tuple[HookSite, ...]:
+    """Every `PrefixHook` the model calls, found by tracing its init abstractly (no FLOPs, no weights).
+
+    A site is layered when it shares its first path component with a scan-stacked dense module.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpeft.models.attention import PrefixHook
+
+    found: dict[str, tuple[int, int, int]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, PrefixHook) and context.method_name == "__call__":
+            found["/".join(m.path)] = (m.num_kv_heads, m.head_dim, args[0].shape[-1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(module.init, jax.random.key(0), *[jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in init_inputs])
+    out = []
+    for path, (hkv, dh, hidden) in sorted(found.items()):
+        top = path.split("/")[0]
+        stacked = [m for m in dense if m.layered and m.flax_module.split("/")[0] == top]
+        n = stacked[0].num_layers if stacked else 1
+        out.append(HookSite(path, bool(stacked), n, tuple(range(n)) if stacked else (), hkv, dh, hidden))
+    return tuple(out)
+
+
+def select_hook_sites(sites: tuple[HookSite, ...], layers: tuple[int, ...] | None) -> tuple[HookSite, ...]:
+    """The sites with `layers_to_transform` applied (ValueError when the model has no hook or the layers are out
+    of range)."""
+    import dataclasses
+
+    if not sites:
+        raise ValueError("this model has no prefix hook: prefix methods (prefix tuning, P-tuning v2, APT) need "
+                         "attention layers that call jaxpeft.models.attention.PrefixHook (every jaxpeft backbone "
+                         "does); use a dense-layer method such as LoRA for this model")
+    out = []
+    for s in sites:
+        if layers is None:
+            out.append(s)
+            continue
+        n = s.num_layers if s.layered else 1
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"layers_to_transform={list(layers)}: layer indices {bad} out of range (the model has "
+                             f"{n} layers, 0..{n - 1})")
+        out.append(dataclasses.replace(s, layers=tuple(sorted(set(layers)))))
+    return tuple(out)

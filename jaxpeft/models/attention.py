@@ -35,9 +35,12 @@ class PrefixHook(nn.Module):
     head_dim: int
 
     @nn.compact
-    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> Prefix | None:
-        """x_btd: (B, T, D) the layer's input hidden states; mask_bt: (B, T) bool, the non-pad tokens."""
-        del x_btd, mask_bt
+    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, pool_mask_bt: jax.Array) -> Prefix | None:
+        """x_btd: (B, T, D) the tensor the attention block receives (the normed layer input in pre-norm
+        decoders and GPT-2, the raw layer input in post-norm BERT/RoBERTa); mask_bt: (B, T) bool, the non-pad
+        tokens; pool_mask_bt: (B, T) bool, the tokens a prefix may condition on (decoders: prompt AND non-pad,
+        so a gate never reads later tokens; encoders: all non-pad tokens)."""
+        del x_btd, mask_bt, pool_mask_bt
         return None
 
 
@@ -74,15 +77,57 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
     return out.astype(x_bthd.dtype)
 
 
-def with_prefix(prefix: Prefix | None, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array):
-    """Prepend prefix entries to keys, values and the mask (every query sees the valid prefix entries)."""
-    if prefix is None:
-        return k_bshd, v_bshd, mask_b1ts
-    b, _, t, _ = mask_b1ts.shape
-    pmask = jnp.broadcast_to(prefix.mask_bl.astype(bool)[:, None, None, :], (b, 1, t, prefix.mask_bl.shape[1]))
-    return (jnp.concatenate([prefix.k_blhd.astype(k_bshd.dtype), k_bshd], axis=1),
-            jnp.concatenate([prefix.v_blhd.astype(v_bshd.dtype), v_bshd], axis=1),
-            jnp.concatenate([pmask, mask_b1ts], axis=-1))
+def attach_prefix(call_hook, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array,
+                  prefix_state: tuple[str, jax.Array] | None = None, *, sliding: jax.Array | None = None,
+                  window: int | None = None):
+    """Run a layer's prefix hook and put its entries where attention reads them.
+
+    call_hook() -> Prefix | None. Returns (k, v, mask, prefix_valid_bp or None).
+    - No cache (prefix_state None): prefix keys/values are concatenated before the layer's own, and every
+      query sees the valid entries. In a sliding-window layer (`sliding` true, `window` W) entry j sits at slot
+      j and the query at token t at slot l + t, as in Hugging Face's cache, so it sees entry j while
+      l + t - j < W.
+    - KV cache with P reserved prefix slots (prefix_state = ('pending', (B, P)) at prefill, ('ready', (B, P))
+      at decode): at prefill the hook runs once and its entries are written into slots [0, l) of the cache
+      (the k/v given here are the whole cache arrays); at decode the hook is not called and the slots are
+      read from the cache. The (B, P) validity of this layer's slots masks them in both cases.
+    """
+    if prefix_state is None:
+        prefix = call_hook()
+        if prefix is None:
+            return k_bshd, v_bshd, mask_b1ts, None
+        b, _, t, _ = mask_b1ts.shape
+        n = prefix.mask_bl.shape[1]
+        pmask = jnp.broadcast_to(prefix.mask_bl.astype(bool)[:, None, None, :], (b, 1, t, n))
+        if window is not None and sliding is not None:
+            near = (n + jnp.arange(t)[:, None] - jnp.arange(n)[None, :]) < window  # (T, l)
+            pmask = pmask & jnp.where(sliding, near, True)[None, None]
+        return (jnp.concatenate([prefix.k_blhd.astype(k_bshd.dtype), k_bshd], axis=1),
+                jnp.concatenate([prefix.v_blhd.astype(v_bshd.dtype), v_bshd], axis=1),
+                jnp.concatenate([pmask, mask_b1ts], axis=-1), None)
+    phase, valid_bp = prefix_state
+    slots = valid_bp.shape[1]
+    if phase == "pending":
+        prefix = call_hook()
+        if prefix is None:
+            valid_bp = jnp.zeros_like(valid_bp)
+        else:
+            n = prefix.mask_bl.shape[1]
+            if n > slots:
+                raise ValueError(f"the prefix has {n} entries but the KV cache reserves {slots} prefix slots: "
+                                 "create the cache with AdaptedModel.init_cache")
+            k_bshd = jax.lax.dynamic_update_slice(k_bshd, prefix.k_blhd.astype(k_bshd.dtype), (0, 0, 0, 0))
+            v_bshd = jax.lax.dynamic_update_slice(v_bshd, prefix.v_blhd.astype(v_bshd.dtype), (0, 0, 0, 0))
+            valid_bp = jnp.pad(prefix.mask_bl.astype(bool), ((0, 0), (0, slots - n)))
+    full = jnp.concatenate([valid_bp, jnp.ones((valid_bp.shape[0], k_bshd.shape[1] - slots), bool)], axis=1)
+    return k_bshd, v_bshd, mask_b1ts & full[:, None, None, :], valid_bp
+
+
+def no_prefix_in_cache(prefix: Prefix | None) -> None:
+    """Raise when a hook returned entries for a cache that reserves no prefix slots."""
+    if prefix is not None:
+        raise ValueError("a prefix adapter is active but the KV cache reserves no prefix slots: create the cache "
+                         "with AdaptedModel.init_cache (or KVCache.init(..., prefix_slots=l))")
 
 
 def attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array, scale: float, *,

@@ -11,8 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models.attention import PrefixHook, apply_rope, attend, attention_mask, rope_tables, with_prefix
-from jaxpeft.models.cache import KVCache, step_inputs, write_kv
+from jaxpeft.models.attention import (PrefixHook, apply_rope, attach_prefix, attend, attention_mask, no_prefix_in_cache,
+                                      rope_tables)
+from jaxpeft.models.cache import KVCache, layer_prefix_state, step_inputs, write_kv
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.heads import last_token_pool
 from jaxpeft.models.layers import Dense, Embed, RMSNorm, activation, jnp_dtype
@@ -30,7 +31,7 @@ class DecoderAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, ctx, kv_cache, is_sliding, deterministic):
+    def __call__(self, x_btd, ctx, layer_xs, deterministic):
         cfg, dt = self.cfg, _dtypes(self.cfg)
         b, t, _ = x_btd.shape
         h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -42,17 +43,27 @@ class DecoderAttention(nn.Module):
             k = RMSNorm(cfg.norm_eps, cfg.norm_offset, "head_dim", name="k_norm", **dt)(k)
         cos, sin = ctx["rope"]
         mask = ctx["mask"]
+        is_sliding, kv_cache = layer_xs["is_sliding"], layer_xs.get("kv")
         if "rope_local" in ctx:  # gemma3: per-layer choice between sliding and full attention
             cos = jnp.where(is_sliding, ctx["rope_local"][0], cos)
             sin = jnp.where(is_sliding, ctx["rope_local"][1], sin)
             mask = jnp.where(is_sliding, ctx["mask_local"], mask)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
+
+        def hook():
+            return PrefixHook(hkv, dh, name="prefix")(x_btd, ctx["mask_bt"], ctx["pool_mask_bt"])
+
+        state = layer_prefix_state(layer_xs)
         if kv_cache is not None:
             k, v = write_kv(kv_cache[0], kv_cache[1], k, v, ctx["index"])
-            new_kv = (k, v)
-        prefix = PrefixHook(hkv, dh, name="prefix")(x_btd, ctx["mask_bt"])
-        k, v, mask = with_prefix(prefix, k, v, mask)
+            if state is None:
+                no_prefix_in_cache(hook())
+        if kv_cache is None or state is not None:
+            k, v, mask, valid = attach_prefix(hook, k, v, mask, state, sliding=is_sliding if any(cfg.sliding_layers)
+                                              else None, window=cfg.sliding_window)
+        if kv_cache is not None:
+            new_kv = {"kv": (k, v)} if state is None else {"kv": (k, v), "prefix_valid": valid}
         rate = 0.0 if deterministic else cfg.attention_dropout
         rng = self.make_rng("dropout") if rate else None
         o = attend(q, k, v, mask, cfg.attn_scale, dropout_rate=rate, dropout_rng=rng)
@@ -86,9 +97,7 @@ class DecoderBlock(nn.Module):
         def norm(name):
             return RMSNorm(cfg.norm_eps, cfg.norm_offset, name=name, **dt)
 
-        kv = layer_xs.get("kv")
-        a, new_kv = DecoderAttention(cfg, name="self_attn")(
-            norm("input_layernorm")(x_btd), ctx, kv, layer_xs["is_sliding"], deterministic)
+        a, new_kv = DecoderAttention(cfg, name="self_attn")(norm("input_layernorm")(x_btd), ctx, layer_xs, deterministic)
         if cfg.sandwich_norm:
             a = norm("post_attention_layernorm")(a)
         x_btd = x_btd + a
@@ -96,7 +105,7 @@ class DecoderBlock(nn.Module):
                                            else "post_attention_layernorm")(x_btd))
         if cfg.sandwich_norm:
             m = norm("post_feedforward_layernorm")(m)
-        return x_btd + m, {"kv": new_kv} if new_kv is not None else {}
+        return x_btd + m, new_kv or {}
 
 
 class DecoderModel(nn.Module):
@@ -121,25 +130,32 @@ class DecoderModel(nn.Module):
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
                  positions_bt: jax.Array | None = None, cache: KVCache | None = None,
+                 position_offset_b: jax.Array | None = None, prompt_mask_bt: jax.Array | None = None,
                  deterministic: bool = True) -> ModelOutput:
         """input_ids_bt (B, T) int; attention_mask_bt (B, T), 1 for real tokens (default all ones);
         positions_bt (B, T) overrides the default (count of non-pad tokens before each token);
-        cache: a KVCache to read and extend (decoding). Returns ModelOutput (see its docstring)."""
+        cache: a KVCache to read and extend (decoding);
+        position_offset_b (B,) int: added to the default positions without a cache (prefix tuning's l);
+        prompt_mask_bt (B, T): the prompt tokens prefix hooks may pool over (default: every non-pad token,
+        right for prompts alone; give it when responses follow, or a gate would read the future).
+        Returns ModelOutput (see its docstring)."""
         hidden, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt=positions_bt,
-                                               cache=cache, deterministic=deterministic)
+                                               cache=cache, position_offset_b=position_offset_b,
+                                               prompt_mask_bt=prompt_mask_bt, deterministic=deterministic)
         mask = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt
         return ModelOutput(logits=self.head(hidden, mask), hidden=hidden, cache=new_cache)
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache=None,
-                      deterministic=True):
+                      position_offset_b=None, prompt_mask_bt=None, deterministic=True):
         """(B, T) ids -> ((B, T, D) final hidden states after the final norm, updated cache or None)."""
         cfg = self.cfg
         mask_bt = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-        q_slots, key_valid, positions_bt, cache_fields = step_inputs(cache, mask_bt, positions_bt)
+        q_slots, key_valid, positions_bt, cache_fields = step_inputs(cache, mask_bt, positions_bt, position_offset_b)
         x = self.embed_tokens(input_ids_bt)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
-        ctx = {"mask_bt": mask_bt, "mask": attention_mask(q_slots, key_valid, causal=True),
+        pool = mask_bt if prompt_mask_bt is None else mask_bt & prompt_mask_bt.astype(bool)
+        ctx = {"mask_bt": mask_bt, "pool_mask_bt": pool, "mask": attention_mask(q_slots, key_valid, causal=True),
                "rope": rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
         if any(cfg.sliding_layers):
             ctx["mask_local"] = attention_mask(q_slots, key_valid, causal=True, window=cfg.sliding_window)
@@ -147,11 +163,9 @@ class DecoderModel(nn.Module):
         layer_xs = {"is_sliding": jnp.asarray(cfg.sliding_layers)}
         if cache is not None:
             ctx["index"] = cache.index
-            layer_xs["kv"] = (cache.k, cache.v)
+            layer_xs.update(cache.layer_inputs())
         x, ys = self.layers(x, ctx, layer_xs, deterministic)
-        new_cache = None
-        if cache is not None:
-            new_cache = cache.replace(k=ys["kv"][0], v=ys["kv"][1], **cache_fields)
+        new_cache = None if cache is None else cache.updated(ys, cache_fields)
         return self.norm(x), new_cache
 
     def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None) -> jax.Array | None:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models.attention import PrefixHook, attend, attention_mask, with_prefix
+from jaxpeft.models.attention import PrefixHook, attach_prefix, attend, attention_mask
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.decoder import _dtypes
 from jaxpeft.models.layers import Dense, Embed, LayerNorm, activation
@@ -27,8 +27,8 @@ class SelfAttention(nn.Module):
         h, dh = cfg.num_heads, cfg.head_dim
         q, k, v = (Dense(d, True, ("embed", "q_heads"), name=n, **dt)(x_btd).reshape(b, t, h, dh)
                    for n in ("query", "key", "value"))
-        prefix = PrefixHook(h, dh, name="prefix")(x_btd, ctx["mask_bt"])
-        k, v, mask = with_prefix(prefix, k, v, ctx["mask"])
+        k, v, mask, _ = attach_prefix(
+            lambda: PrefixHook(h, dh, name="prefix")(x_btd, ctx["mask_bt"], ctx["pool_mask_bt"]), k, v, ctx["mask"])
         rate = 0.0 if deterministic else cfg.attention_dropout
         o = attend(q, k, v, mask, cfg.attn_scale, dropout_rate=rate,
                    dropout_rng=self.make_rng("dropout") if rate else None)
@@ -153,26 +153,36 @@ class EncoderModel(nn.Module):
         """HF builds the pooler for bare models and BERT sequence classification only."""
         return self.cfg.add_pooler and (self.task == "base" or (self.task == "seq_cls" and self.cfg.arch == "bert"))
 
-    def default_positions(self, input_ids_bt: jax.Array) -> jax.Array:
-        """(B, T) learned-position indices: 0..T-1 for BERT; padding_idx + 1 + count of non-pad ids for RoBERTa."""
+    def default_positions(self, input_ids_bt: jax.Array, position_offset_b: jax.Array | None = None) -> jax.Array:
+        """(B, T) learned-position indices: 0..T-1 for BERT; padding_idx + 1 + count of non-pad ids for RoBERTa.
+
+        position_offset_b (B,): a past length (prefix tuning's l) added as HF adds `past_key_values_length`
+        (BERT: to every position; RoBERTa: to the non-pad ones)."""
         b, t = input_ids_bt.shape
+        off = jnp.zeros((b, 1), jnp.int32) if position_offset_b is None else jnp.asarray(position_offset_b,
+                                                                                          jnp.int32)[:, None]
         if self.cfg.arch == "roberta":
             nonpad = (input_ids_bt != self.cfg.pad_token_id).astype(jnp.int32)
-            return jnp.cumsum(nonpad, axis=1) * nonpad + self.cfg.pad_token_id
-        return jnp.broadcast_to(jnp.arange(t), (b, t))
+            return (jnp.cumsum(nonpad, axis=1) + off) * nonpad + self.cfg.pad_token_id
+        return jnp.broadcast_to(jnp.arange(t), (b, t)) + off
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
                  token_type_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
+                 position_offset_b: jax.Array | None = None, prompt_mask_bt: jax.Array | None = None,
                  deterministic: bool = True) -> ModelOutput:
-        """(B, T) ids -> ModelOutput(logits (B, C) or (B, T, C), hidden (B, T, D), pooled (B, D) or None)."""
+        """(B, T) ids -> ModelOutput(logits (B, C) or (B, T, C), hidden (B, T, D), pooled (B, D) or None).
+
+        position_offset_b (B,): shift of the default positions (prefix tuning's l); prompt_mask_bt (B, T): the
+        tokens prefix hooks may pool over (default every non-pad token: an encoder sees the whole input)."""
         mask_bt = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
         if positions_bt is None:
-            positions_bt = self.default_positions(input_ids_bt)
+            positions_bt = self.default_positions(input_ids_bt, position_offset_b)
         if token_type_ids_bt is None:
             token_type_ids_bt = jnp.zeros_like(input_ids_bt)
         x = self.embeddings(input_ids_bt, positions_bt, token_type_ids_bt, deterministic)
         t = input_ids_bt.shape[1]
-        ctx = {"mask_bt": mask_bt, "mask": attention_mask(jnp.arange(t), mask_bt, causal=False)}
+        pool = mask_bt if prompt_mask_bt is None else mask_bt & prompt_mask_bt.astype(bool)
+        ctx = {"mask_bt": mask_bt, "pool_mask_bt": pool, "mask": attention_mask(jnp.arange(t), mask_bt, causal=False)}
         hidden = self.encoder(x, ctx, deterministic)
         pooled = self.pooler(hidden) if self.uses_pooler else None
         logits = None

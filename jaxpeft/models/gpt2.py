@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models.attention import PrefixHook, attend, attention_mask, with_prefix
-from jaxpeft.models.cache import KVCache, step_inputs, write_kv
+from jaxpeft.models.attention import PrefixHook, attach_prefix, attend, attention_mask, no_prefix_in_cache
+from jaxpeft.models.cache import KVCache, layer_prefix_state, step_inputs, write_kv
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.decoder import _dtypes
 from jaxpeft.models.heads import last_token_pool
@@ -23,18 +23,26 @@ class GPT2Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, ctx, kv_cache, deterministic):
+    def __call__(self, x_btd, ctx, layer_xs, deterministic):
         cfg, dt = self.cfg, _dtypes(self.cfg)
         b, t, d = x_btd.shape
         h, dh = cfg.num_heads, cfg.head_dim
         qkv = Dense(3 * d, True, ("embed", "qkv"), name="c_attn", **dt)(x_btd)
         q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
-        new_kv = None
+        new_kv, mask, kv_cache = None, ctx["mask"], layer_xs.get("kv")
+
+        def hook():
+            return PrefixHook(h, dh, name="prefix")(x_btd, ctx["mask_bt"], ctx["pool_mask_bt"])
+
+        state = layer_prefix_state(layer_xs)
         if kv_cache is not None:
             k, v = write_kv(kv_cache[0], kv_cache[1], k, v, ctx["index"])
-            new_kv = (k, v)
-        prefix = PrefixHook(h, dh, name="prefix")(x_btd, ctx["mask_bt"])
-        k, v, mask = with_prefix(prefix, k, v, ctx["mask"])
+            if state is None:
+                no_prefix_in_cache(hook())
+        if kv_cache is None or state is not None:
+            k, v, mask, valid = attach_prefix(hook, k, v, mask, state)
+        if kv_cache is not None:
+            new_kv = {"kv": (k, v)} if state is None else {"kv": (k, v), "prefix_valid": valid}
         rate = 0.0 if deterministic else cfg.attention_dropout
         o = attend(q, k, v, mask, cfg.attn_scale, dropout_rate=rate,
                    dropout_rng=self.make_rng("dropout") if rate else None)
@@ -49,11 +57,11 @@ class GPT2Block(nn.Module):
     def __call__(self, x_btd, ctx, layer_xs, deterministic: bool = True):
         cfg, dt = self.cfg, _dtypes(self.cfg)
         a, new_kv = GPT2Attention(cfg, name="attn")(LayerNorm(cfg.norm_eps, name="ln_1", **dt)(x_btd), ctx,
-                                                    layer_xs.get("kv"), deterministic)
+                                                    layer_xs, deterministic)
         x_btd = x_btd + a
         hmid = LayerNorm(cfg.norm_eps, name="ln_2", **dt)(x_btd)
         hmid = GPT2MLP(cfg, name="mlp")(hmid, deterministic)
-        return x_btd + hmid, {"kv": new_kv} if new_kv is not None else {}
+        return x_btd + hmid, new_kv or {}
 
 
 class GPT2MLP(nn.Module):
@@ -89,26 +97,29 @@ class GPT2Model(nn.Module):
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
                  positions_bt: jax.Array | None = None, cache: KVCache | None = None,
+                 position_offset_b: jax.Array | None = None, prompt_mask_bt: jax.Array | None = None,
                  deterministic: bool = True) -> ModelOutput:
         """Same contract as DecoderModel.__call__: (B, T) ids -> ModelOutput."""
         hidden, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt=positions_bt,
-                                               cache=cache, deterministic=deterministic)
+                                               cache=cache, position_offset_b=position_offset_b,
+                                               prompt_mask_bt=prompt_mask_bt, deterministic=deterministic)
         mask = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt
         return ModelOutput(logits=self.head(hidden, mask), hidden=hidden, cache=new_cache)
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache=None,
-                      deterministic=True):
+                      position_offset_b=None, prompt_mask_bt=None, deterministic=True):
         """(B, T) ids -> ((B, T, D) hidden states after ln_f, updated cache or None)."""
         mask_bt = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-        q_slots, key_valid, positions_bt, cache_fields = step_inputs(cache, mask_bt, positions_bt)
+        q_slots, key_valid, positions_bt, cache_fields = step_inputs(cache, mask_bt, positions_bt, position_offset_b)
         x = self.drop(self.wte(input_ids_bt) + self.wpe(positions_bt), deterministic=deterministic)
-        ctx = {"mask_bt": mask_bt, "mask": attention_mask(q_slots, key_valid, causal=True)}
+        pool = mask_bt if prompt_mask_bt is None else mask_bt & prompt_mask_bt.astype(bool)
+        ctx = {"mask_bt": mask_bt, "pool_mask_bt": pool, "mask": attention_mask(q_slots, key_valid, causal=True)}
         layer_xs = {}
         if cache is not None:
             ctx["index"] = cache.index
-            layer_xs["kv"] = (cache.k, cache.v)
+            layer_xs.update(cache.layer_inputs())
         x, ys = self.h(x, ctx, layer_xs, deterministic)
-        new_cache = None if cache is None else cache.replace(k=ys["kv"][0], v=ys["kv"][1], **cache_fields)
+        new_cache = None if cache is None else cache.updated(ys, cache_fields)
         return self.ln_f(x), new_cache
 
     def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None) -> jax.Array | None:

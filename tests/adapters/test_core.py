@@ -189,7 +189,7 @@ def test_init_selected_names_only(two):
     am = two["am"].add("c", LoraConfig(r=2, target_modules=("o_proj",)))
     st = jax.eval_shape(lambda fr: am.init(jax.random.key(0), fr, names=["c"]), p)
     assert set(st["trainable"]) == {"c"}
-    assert set(af.get(st["trainable"]["c"]["dense"], "layers/self_attn")) == {"o_proj"}
+    assert set(af.get(st["trainable"]["c"]["modules"], "layers/self_attn")) == {"o_proj"}
 
 
 def test_modules_to_save_checks(two):
@@ -210,7 +210,7 @@ def test_summary_lists_every_adapted_module_with_shapes(two):
     for name in ("a", "b"):
         assert f"adapter '{name}'" in text
         for t in am.spec(name).targets:
-            node = af.get(s["trainable"][name]["dense"], t.flax_module)
+            node = af.get(s["trainable"][name]["modules"], t.flax_module)
             line = next(l for l in text.splitlines() if t.hf_module in l)
             assert f"[{t.n_in}->{t.n_out}; layers 0,1]" in line
             for leaf, v in node.items():

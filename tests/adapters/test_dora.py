@@ -48,7 +48,7 @@ def _random_adapter(case, seed=0):
     tiny = hf_tiny.load(name, task)
     am = AdaptedModel.wrap(build_model(tiny.cfg, task)).add(NAME, DoraConfig(init_lora_weights=False, **kw))
     state = am.init(jax.random.key(seed), tiny.params)
-    dense = state["trainable"][NAME]["dense"]
+    dense = state["trainable"][NAME]["modules"]
     rng = np.random.RandomState(seed)
     for t in am.spec(NAME).targets:
         node = _get(dense, t.flax_module)
@@ -66,7 +66,7 @@ def _peft_model(tiny, am, state):
                            fan_in_fan_out=tiny.cfg.arch == "gpt2")
     pm = peft.get_peft_model(copy.deepcopy(tiny.hf), pcfg).eval()
     values = {}
-    dense = state["trainable"][NAME]["dense"]
+    dense = state["trainable"][NAME]["modules"]
     for t in am.spec(NAME).targets:
         node = _get(dense, t.flax_module)
         for i in t.layers or (None,):
@@ -125,7 +125,7 @@ def test_dora_matches_peft_logits_and_grads(case):
     def loss(tr):
         return jnp.sum(_jax_logits(am, tiny.params, {**state, "trainable": tr}, ids, mask, tt) * w)
 
-    grads = jax.grad(loss)(trainable)[NAME]["dense"]
+    grads = jax.grad(loss)(trainable)[NAME]["modules"]
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     if tiny.cfg.is_decoder:
         kw["position_ids"] = torch.tensor(hf_tiny.decoder_positions(mask))
@@ -173,7 +173,7 @@ def test_dora_default_init_is_base_model(case):
     # (a 1-ulp ratio error shows as ~1e-6 on logits of size ~5); LoRA's B = 0 path is exact
     assert_close(out, base, mask, max_abs=5e-6, rel=1e-6, what=f"dora {case} at init")
     for t in am.spec(NAME).targets:  # m = column norms of W0 at init
-        node = _get(state["trainable"][NAME]["dense"], t.flax_module)
+        node = _get(state["trainable"][NAME]["modules"], t.flax_module)
         kernel = np.asarray(_get(tiny.params, t.flax_module)["kernel"], np.float64)
         assert_close(node["lora_magnitude_vector"], np.linalg.norm(kernel, axis=-2), max_abs=1e-5, what="m init")
         assert not np.any(np.asarray(node["lora_B"]))
@@ -249,7 +249,7 @@ def test_dora_trainable_count_matches_peft_on_bert_base_shapes():
     shapes = meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"])
     am = AdaptedModel.wrap(module).add(NAME, DoraConfig(r=8, lora_alpha=8, target_modules=("query", "value")))
     state = jax.eval_shape(lambda p: am.init(jax.random.key(0), p), shapes)
-    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][NAME]["dense"]))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][NAME]["modules"]))
     assert ours == peft_trainable == 313_344
 
 

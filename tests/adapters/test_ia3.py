@@ -71,7 +71,7 @@ def _peft_model(tiny, am, state):
     pm = peft.get_peft_model(copy.deepcopy(tiny.hf), pcfg).eval()
     values = {}
     for t in am.spec(NAME).targets:
-        ell = np.asarray(_get(state["trainable"][NAME]["dense"], t.flax_module)["ia3_l"])
+        ell = np.asarray(_get(state["trainable"][NAME]["modules"], t.flax_module)["ia3_l"])
         for i in t.layers or (None,):
             v = ell if i is None else ell[i]
             values[_peft_name(t, i)] = v[None, :] if dict(t.layer_options[0])["feedforward"] else v[:, None]
@@ -128,7 +128,7 @@ def test_ia3_matches_peft_logits_and_grads(case):
     def loss(tr):
         return jnp.sum(_jax_logits(am, tiny.params, {**state, "trainable": tr}, ids, mask, tt) * w)
 
-    grads = jax.grad(loss)(state["trainable"])[NAME]["dense"]
+    grads = jax.grad(loss)(state["trainable"])[NAME]["modules"]
     pm.zero_grad()
     (pm(**_hf_kwargs(tiny, ids, mask, tt)).logits * torch.from_numpy(w)).sum().backward()
     pgrads = {n: p.grad.numpy().reshape(-1) for n, p in pm.named_parameters() if p.requires_grad}
@@ -156,7 +156,7 @@ def test_ia3_merged_equals_unmerged(case):
 @pytest.mark.parametrize("case", ["llama", "gpt2", "bert"])
 def test_ia3_default_init_is_base_model(case):
     tiny, am, state = _random_adapter(case, init_ia3_weights=True)
-    for leaf in jax.tree.leaves(state["trainable"][NAME]["dense"]):
+    for leaf in jax.tree.leaves(state["trainable"][NAME]["modules"]):
         assert np.all(np.asarray(leaf) == 1.0)
     ids, mask, tt = _inputs(tiny)
     f = jax.jit(lambda s, active: _jax_logits(am, tiny.params, s, ids, mask, tt, active=active),
@@ -225,7 +225,7 @@ def test_ia3_count_matches_peft_on_bert_base_shapes():
     shapes = meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"])
     am = AdaptedModel.wrap(module).add(NAME, IA3Config())
     state = jax.eval_shape(lambda p: am.init(jax.random.key(0), p), shapes)
-    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][NAME]["dense"]))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"][NAME]["modules"]))
     assert ours == peft_trainable == 64_512
 
 

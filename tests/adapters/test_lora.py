@@ -135,7 +135,7 @@ def _peft_linear_factors(init, n_in=N_IN, r=R, seed=0):
 
 
 def _factors(state, name, leaf):
-    dense = state["trainable"][name]["dense"]["layers"]["self_attn"]
+    dense = state["trainable"][name]["modules"]["layers"]["self_attn"]
     return np.concatenate([np.asarray(dense[m][leaf]).ravel() for m in ("q_proj", "v_proj")])
 
 
@@ -151,8 +151,8 @@ def test_default_init_is_kaiming_uniform_like_peft(init_model):
     pa, pb = _peft_linear_factors(True)  # PEFT: kaiming_uniform(a=sqrt 5) on (r, n_in): the same bound
     assert np.abs(pa).max() <= bound and np.abs(pa).max() > 0.97 * bound and np.all(pb == 0)
     # layers and modules draw different values
-    q = np.asarray(state["trainable"]["kaiming"]["dense"]["layers"]["self_attn"]["q_proj"]["lora_A"])
-    v = np.asarray(state["trainable"]["kaiming"]["dense"]["layers"]["self_attn"]["v_proj"]["lora_A"])
+    q = np.asarray(state["trainable"]["kaiming"]["modules"]["layers"]["self_attn"]["q_proj"]["lora_A"])
+    v = np.asarray(state["trainable"]["kaiming"]["modules"]["layers"]["self_attn"]["v_proj"]["lora_A"])
     assert not np.allclose(q[0], q[1]) and not np.allclose(q, v)
 
 
@@ -204,11 +204,11 @@ def test_scale_alpha_over_r_or_sqrt_r_with_patterns(init_model, name, rs):
     _, _, _, state = init_model
     expected = {"q_proj": 12.0 / (math.sqrt(R) if rs else R), "v_proj": 8.0 / (2.0 if rs else 4.0)}
     assert _peft_scalings(rs) == pytest.approx(expected)
-    extras = state["extras"][name]["layers"]["self_attn"]
+    extras = state["extras"][name]["modules"]["layers"]["self_attn"]
     for m, s in expected.items():
         np.testing.assert_allclose(np.asarray(extras[m]["scale"]), [s, s], rtol=1e-7)
         np.testing.assert_array_equal(np.asarray(extras[m]["layer_mask"]), [1.0, 1.0])
-    assert state["trainable"][name]["dense"]["layers"]["self_attn"]["v_proj"]["lora_A"].shape == (2, N_IN, 4)
+    assert state["trainable"][name]["modules"]["layers"]["self_attn"]["v_proj"]["lora_A"].shape == (2, N_IN, 4)
 
 
 def test_rslora_delta_is_sqrt_r_times_the_plain_delta(init_model):
