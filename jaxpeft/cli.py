@@ -43,12 +43,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         pre = load_pretrained(args.checkpoint, dtype=args.dtype)
-        model_fn, params, key = None, pre.params, None
+        model_fn, params, key, init_cache, shift = None, pre.params, None, None, 0
         if args.adapter:
             from jaxpeft.adapters import AdaptedModel
-            from jaxpeft.adapters.peft_io import import_peft
+            from jaxpeft.adapters.native_io import load_any
 
-            model, state = import_peft(AdaptedModel.wrap(pre.module), pre.params, args.adapter)
+            model, state = load_any(AdaptedModel.wrap(pre.module), pre.params, args.adapter)
             if args.merge:
                 from jaxpeft.adapters.merge import merge
 
@@ -57,7 +57,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 def model_fn(p, ids, mask, cache):
                     return model.apply(p[0], p[1], ids, mask, cache=cache)
                 params, key = (pre.params, state), (model, "adapted")
-    except CheckpointError as e:
+                init_cache = lambda b, n: model.init_cache(state, b, n)  # noqa: E731
+                shift = model.max_position_shift()
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tok = pre.tokenizer
@@ -72,7 +74,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     outs = generate(pre.module, params, ids, max_new_tokens=args.max_new_tokens,
                     eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id or 0,
-                    sampling=sampling, seed=args.seed, model_fn=model_fn, cache_key=key)
+                    sampling=sampling, seed=args.seed, model_fn=model_fn, cache_key=key, init_cache=init_cache,
+                    position_shift=shift)
     for out in outs:
         print(tok.decode(out, skip_special_tokens=True))
     return 0
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    g.add_argument("--adapter", default=None, help="an adapter folder to apply (HF PEFT or jaxpeft format)")
     g.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
     g.set_defaults(func=_cmd_generate)
 
@@ -172,10 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = with_config(sub.add_parser("train", help="train an adapter as the config says (resumes when possible)"))
     t.set_defaults(func=_cmd_train)
     e = with_config(sub.add_parser("eval", help="evaluate a run's adapter on the config's evaluation split"))
-    e.add_argument("--adapter", default=None, help="a PEFT adapter folder (default: the run's latest checkpoint)")
+    e.add_argument("--adapter", default=None, help="an adapter folder, HF PEFT or jaxpeft format (default: the run's latest checkpoint)")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     e.set_defaults(func=_cmd_eval)
-    x = with_config(sub.add_parser("export", help="write a run checkpoint as a Hugging Face PEFT adapter folder"))
+    x = with_config(sub.add_parser("export", help="write a run checkpoint as an adapter folder (HF PEFT format when PEFT has the method, else the jaxpeft format)"))
     x.add_argument("--out", required=True)
     x.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     x.set_defaults(func=_cmd_export)

@@ -72,13 +72,16 @@ _COMPILED: dict[Any, Callable] = {}
 def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, bucket: int = 32,
-             model_fn: ModelFn | None = None, cache_key: Any = None) -> list[list[int]]:
+             model_fn: ModelFn | None = None, cache_key: Any = None,
+             init_cache: Callable[[int, int], KVCache] | None = None, position_shift: int = 0) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; stop a row at its first stop token.
 
     prompts: token-id lists of any lengths (left-padded internally to a multiple of `bucket`).
     model_fn(params, ids_bt, mask_bt, cache) -> ModelOutput overrides the forward (adapters use it; pass a
-    `cache_key` that identifies it so its compiled function is reused). Returns the new tokens per row,
-    the stop token included when one was produced.
+    `cache_key` that identifies it so its compiled function is reused). init_cache(batch, max_len) -> KVCache
+    lets the model own its decode state (prefix adapters reserve their slots: `AdaptedModel.init_cache`);
+    position_shift: how far the model shifts positions (counted against GPT-2's learned positions).
+    Returns the new tokens per row, the stop token included when one was produced.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -86,8 +89,9 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
         raise ValueError("every prompt needs at least one token")
     cfg = module.cfg
     b, p_len = len(prompts), _bucket(max(len(p) for p in prompts), bucket)
-    if p_len + max_new_tokens > cfg.max_position_embeddings and cfg.arch == "gpt2":
-        raise ValueError(f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) exceeds gpt2's "
+    if p_len + max_new_tokens + position_shift > cfg.max_position_embeddings and cfg.arch == "gpt2":
+        shift = f" + prefix position shift ({position_shift})" if position_shift else ""
+        raise ValueError(f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}){shift} exceeds gpt2's "
                          f"{cfg.max_position_embeddings} learned positions")
     ids = np.full((b, p_len), pad_token_id, np.int32)
     mask = np.zeros((b, p_len), bool)
@@ -99,8 +103,11 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
     if key not in _COMPILED:
         _COMPILED[key] = _build(module, model_fn or _default_model_fn(module), b, p_len, max_new_tokens,
                                 tuple(eos_token_ids), pad_token_id, sampling)
-    cache = KVCache.init(cfg.num_layers, b, p_len + max_new_tokens, cfg.num_kv_heads, cfg.head_dim,
-                         jnp_dtype(cfg.dtype))
+    if init_cache is not None:
+        cache = init_cache(b, p_len + max_new_tokens)
+    else:
+        cache = KVCache.init(cfg.num_layers, b, p_len + max_new_tokens, cfg.num_kv_heads, cfg.head_dim,
+                             jnp_dtype(cfg.dtype))
     out = np.asarray(_COMPILED[key](params, jnp.asarray(ids), jnp.asarray(mask), cache, jax.random.key(seed)))
     results = []
     for row in out:

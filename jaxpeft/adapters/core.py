@@ -404,12 +404,13 @@ class _Interceptor:
                     m.put_variable(col, key, v)
                 for key, v in extras.items():
                     m.put_variable(xcol, key, v)
+                continue  # creating variables needs no entries (and shared ones are not expanded yet)
             trainable = dict(m.variables.get(col, {}))
             extras = dict(m.variables.get(xcol, {}))
 
             def sow(name, value, m=m, spec=spec):
                 if self.capture:
-                    m.sow("probes", f"{spec.name}/{name}", value)
+                    m.sow("probes", f"{spec.name}:{name}", value)
 
             p = method.prefix(spec.config, site, x_btd, mask_bt, pool_mask_bt, trainable, extras,
                               self._dropout(getattr(spec.config, "prefix_dropout", 0.0)), sow)
@@ -417,8 +418,8 @@ class _Interceptor:
             if self.adapter_index is not None:
                 visible = visible & (self.adapter_index == k)[:, None]
             parts.append(p._replace(mask_bl=visible))
-        if len(parts) == 1:
-            return parts[0]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
         return Prefix(jnp.concatenate([q.k_blhd for q in parts], axis=1),
                       jnp.concatenate([q.v_blhd.astype(parts[0].v_blhd.dtype) for q in parts], axis=1),
                       jnp.concatenate([q.mask_bl for q in parts], axis=1))

@@ -27,6 +27,8 @@ from jaxpeft.models.namemap import ARCH_NAMES
 PEFT_VERSION = "0.21.2"
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "base": "FEATURE_EXTRACTION"}
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."
+"""Prompt-learning methods (prefix tuning) save modules_to_save without the extra 'model.' level."""
 
 # per method: (PEFT file key suffix, jaxpeft trainable name, layout) ; layout 'T' = transposed matrix,
 # 'v' = vector as is, 'ia3' = (n_out, 1) or (1, n_in) by the feed-forward flag
@@ -62,9 +64,59 @@ def _from_file(value: np.ndarray, layout: str) -> np.ndarray:
     return value
 
 
+def peft_unsupported_reason(model: AdaptedModel, name: str) -> str | None:
+    """Why adapter `name` has no HF PEFT form (None when `export_peft` can write it)."""
+    spec = model.spec(name)
+    cfg = spec.config
+    method = method_for(cfg)
+    if not method.has_peft_format or (cfg.method not in _FILE_KEYS and cfg.method != "prefix"):
+        return f"method {cfg.method!r} has no Hugging Face PEFT format"
+    if model.model_cfg is None:
+        return "the model is not a jaxpeft backbone (PEFT keys come from its Hugging Face module names)"
+    if cfg.method == "prefix":
+        if cfg.position_offset != "l":
+            return "position_offset=0: PEFT always shifts positions by the prefix length"
+        if cfg.layers_to_transform is not None:
+            return "layers_to_transform: PEFT prefix tuning puts a prefix in every layer"
+    return None
+
+
+def _prefix_sites(model: AdaptedModel, state: AdapterState, name: str):
+    """(site, folded modules tree) of a prefix adapter (the reparameterisation MLP, if any, folded in)."""
+    spec = model.spec(name)
+    method = method_for(spec.config)
+    _, tr, _ = method.fold(spec.config, spec.hooks, state["trainable"][name], state["extras"][name])
+    if len(spec.hooks) != 1 or not spec.hooks[0].layered:
+        raise NotImplementedError("PEFT prefix export needs one scan-stacked attention stack")
+    return spec.hooks[0], tr["modules"]
+
+
+def _prefix_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict[str, np.ndarray]:
+    site, modules = _prefix_sites(model, state, name)
+    node = _get(modules, site.flax_module)
+    k = np.asarray(jax.device_get(node["prefix_k"]), np.float32)  # (L, l, H_kv, d_h)
+    v = np.asarray(jax.device_get(node["prefix_v"]), np.float32)
+    kv = np.stack([k, v], axis=1)  # (L, 2, l, H, d): slot 2i keys of layer i, 2i+1 values
+    n_layers, _, l, h, d = kv.shape
+    return {"prompt_embeddings": np.ascontiguousarray(kv.transpose(2, 0, 1, 3, 4).reshape(l, 2 * n_layers * h * d))}
+
+
 def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict[str, np.ndarray]:
     """{PEFT key: array} for adapter `name` (selected layers only; layer masks and scales are not saved)."""
     spec = model.spec(name)
+    reason = peft_unsupported_reason(model, name)
+    if reason is not None:
+        raise NotImplementedError(f"adapter {name!r} cannot be written in PEFT format: {reason}; save it with "
+                                  "jaxpeft.adapters.native_io.save_adapter (the jaxpeft format) instead")
+    if spec.config.method == "prefix":
+        out = _prefix_tensors(model, state, name)
+        saved = state["trainable"][name]["saved"]
+        if saved:
+            from jaxpeft.loading.convert import params_to_hf
+
+            for key, value in params_to_hf(model.model_cfg, model.task, saved).items():
+                out[PROMPT_PREFIX + _hf_module_path(model, key)] = value
+        return out
     keys = _FILE_KEYS.get(spec.config.method)
     if keys is None:
         raise NotImplementedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
@@ -92,6 +144,16 @@ def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: st
     spec = model.spec(name)
     cfg = spec.config
     method = method_for(cfg)
+    if cfg.method == "prefix":
+        site = spec.hooks[0]
+        d_kv = site.num_kv_heads * site.head_dim
+        return {"peft_version": PEFT_VERSION, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+                "task_type": TASK_TYPES[model.task], "inference_mode": True,
+                "modules_to_save": list(cfg.modules_to_save) or None, "peft_type": "PREFIX_TUNING",
+                "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": d_kv, "num_layers": site.num_layers,
+                "num_attention_heads": site.num_kv_heads, "num_transformer_submodules": 1,
+                "encoder_hidden_size": cfg.encoder_hidden_size or d_kv, "prefix_projection": False,
+                "init_weights": None}
     targets = cfg.target_modules if cfg.target_modules is not None else method.default_targets(model.model_cfg.arch)
     common = {
         "peft_version": PEFT_VERSION, "base_model_name_or_path": base_model_name_or_path, "revision": None,
@@ -164,7 +226,15 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         from jaxpeft.adapters.ia3 import IA3Config
 
         return IA3Config(**common, feedforward_modules=d.get("feedforward_modules"))
-    raise NotImplementedError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, IA3)")
+    if peft_type == "PREFIX_TUNING":
+        from jaxpeft.adapters.prefix import PrefixTuningConfig
+
+        if d.get("num_transformer_submodules", 1) != 1:
+            raise NotImplementedError("num_transformer_submodules != 1 (encoder-decoder prefixes) is not supported")
+        # the file holds the materialised prefix even when PEFT trained it with prefix_projection
+        return PrefixTuningConfig(num_virtual_tokens=int(d.get("num_virtual_tokens", 20)), prefix_projection=False,
+                                  modules_to_save=tuple(d.get("modules_to_save") or ()))
+    raise NotImplementedError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, IA3, PREFIX_TUNING)")
 
 
 def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.PathLike, name: str = "default",
@@ -200,9 +270,12 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
     used: set[str] = set()
     spec = model.spec(name)
-    keys = _FILE_KEYS[config.method]
     dense = state["trainable"][name]["modules"]
     missing = []
+    if config.method == "prefix":
+        _import_prefix(model, raw, tensors, state, name, weights)
+        used.add("prompt_embeddings")
+    keys = _FILE_KEYS.get(config.method, ())
     for t in spec.targets:
         node = _get(dense, t.flax_module)
         for leaf_key in [k for _, k, _ in keys]:
@@ -226,6 +299,7 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
                     value = w
             node[leaf_key] = jnp.asarray(value)
     saved = state["trainable"][name]["saved"]
+    key_prefix = PROMPT_PREFIX if config.method == "prefix" else PREFIX
     if saved:
         from jaxpeft.loading.convert import entries_by_path, flatten_params, unflatten_params
 
@@ -235,7 +309,7 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
             e = entries[path]
             parts = []
             for key in e.hf_keys(model.model_cfg.num_layers):
-                key = PREFIX + _hf_module_path(model, key)
+                key = key_prefix + _hf_module_path(model, key)
                 if key not in tensors:
                     missing.append(key)
                     continue
@@ -255,6 +329,28 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     if unexpected:
         warnings.warn(f"{weights}: {len(unexpected)} tensors were not used: {unexpected[:5]}")
     return model, state
+
+
+def _import_prefix(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+                   state: AdapterState, name: str, weights: Path) -> None:
+    """Fill a prefix adapter's stacked keys/values from PEFT's flat `prompt_embeddings` (l, 2 L H_kv d_h)."""
+    site = model.spec(name).hooks[0]
+    expect = {"num_layers": site.num_layers, "num_attention_heads": site.num_kv_heads,
+              "token_dim": site.num_kv_heads * site.head_dim}
+    for key, value in expect.items():
+        if key in raw and raw[key] != value:
+            raise CheckpointError(f"adapter_config.json {key}={raw[key]} but this model has {value}: the adapter was "
+                                  "made for a different base model")
+    if "prompt_embeddings" not in tensors:
+        raise CheckpointError(f"{weights}: no 'prompt_embeddings' tensor (a PREFIX_TUNING adapter file holds it)")
+    emb = np.asarray(tensors["prompt_embeddings"], np.float32)
+    l, n, h, d = raw.get("num_virtual_tokens", 20), site.num_layers, site.num_kv_heads, site.head_dim
+    if emb.shape != (l, 2 * n * h * d):
+        raise CheckpointError(f"{weights}: prompt_embeddings has shape {emb.shape}, expected {(l, 2 * n * h * d)} "
+                              f"(num_virtual_tokens x 2 * layers * kv heads * head dim)")
+    kv = emb.reshape(l, n, 2, h, d).transpose(1, 2, 0, 3, 4)
+    node = _get(state["trainable"][name]["modules"], site.flax_module)
+    node["prefix_k"], node["prefix_v"] = jnp.asarray(kv[:, 0]), jnp.asarray(kv[:, 1])
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Any:

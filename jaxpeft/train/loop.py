@@ -107,7 +107,9 @@ def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts:
         chunk += [chunk[-1]] * (batch_size - n) if len(prompts) > batch_size else []
         res = generate(model.module, (frozen, state), chunk, max_new_tokens=max_new_tokens,
                        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
-                       model_fn=model_fn, cache_key=(model, "adapted"))
+                       model_fn=model_fn, cache_key=(model, "adapted"),
+                       init_cache=lambda b, n: model.init_cache(state, b, n),
+                       position_shift=model.max_position_shift())
         out += res[:n]
     return out
 

@@ -17,12 +17,13 @@ import jax
 import numpy as np
 
 from jaxpeft.adapters import AdaptedModel
+from jaxpeft.adapters.native_io import load_any, save_any
 from jaxpeft.adapters.partition import trainable_parameters_line
-from jaxpeft.adapters.peft_io import export_peft
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
 from jaxpeft.train.loop import generate_with_adapter, iterate_losses, make_eval_loss, make_optimizer, make_train_step
+from jaxpeft.train.probes import gate_report, has_gates
 from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
 
 ADAPTER_NAME = "default"
@@ -79,12 +80,29 @@ def _context(cfg: RunConfig) -> _Context:
     if pre.tokenizer is None:
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint!r} has no tokenizer; jaxpeft needs tokenizer.json")
     task = make_task(cfg, pre.tokenizer, labels)
-    model = AdaptedModel.wrap(pre.module).add(ADAPTER_NAME, cfg.adapter_config())
+    try:
+        model = AdaptedModel.wrap(pre.module).add(ADAPTER_NAME, cfg.adapter_config())
+    except ValueError as e:  # targets that match nothing, layers out of range, a method the model cannot take
+        raise ConfigError(f"adapter: {e}") from e
+    _check_positions(cfg, pre.config, model)
     state = model.init(jax.random.key(cfg.train.seed), pre.params)
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows))
     ctx.eval_loss_fn = make_eval_loss(model, task)
     return ctx
+
+
+def _check_positions(cfg: RunConfig, model_cfg: Any, model: AdaptedModel) -> None:
+    """Learned position tables (BERT 512, GPT-2 1024) must hold max_length tokens after the prefix's shift."""
+    if model_cfg.arch not in ("bert", "roberta", "gpt2"):
+        return
+    shift = model.max_position_shift()
+    limit = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1 if model_cfg.arch == "roberta" else 0)
+    if cfg.data.max_length + shift > limit:
+        extra = f" + the prefix's position shift {shift}" if shift else ""
+        raise ConfigError(f"data.max_length={cfg.data.max_length}{extra} exceeds the {limit} learned positions of "
+                          f"this {model_cfg.arch} model: lower data.max_length"
+                          + (" or set adapter.position_offset: 0" if shift else ""))
 
 
 def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
@@ -245,9 +263,12 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     result.metrics_after = last_eval or _evaluate(ctx, trainable)
     say(f"after training:  {_fmt(result.metrics_after)}")
     final_state = {"trainable": trainable, "extras": extras}
-    export_peft(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
-                base_model_name_or_path=cfg.model.checkpoint)
-    say(f"adapter (PEFT format): {result.adapter_dir}")
+    _, fmt = save_any(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
+                      base_model_name_or_path=cfg.model.checkpoint)
+    say(f"adapter ({'Hugging Face PEFT' if fmt == 'peft' else 'jaxpeft'} format): {result.adapter_dir}")
+    if has_gates(ctx.model):
+        report = gate_report(ctx, trainable, out)
+        say(f"gate statistics: {report['json']} and heatmap {report['png']}")
     if cfg.model.task == "causal_lm" and cfg.generation.show_examples:
         rows = ctx.eval_rows[: cfg.generation.show_examples]
         for row, text in zip(rows, _generate(ctx, trainable, rows)):
@@ -259,14 +280,13 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
 
 def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] = (), *,
              adapter: str | None = None, step: int | None = None) -> dict[str, float]:
-    """Evaluate a trained adapter: from a PEFT folder (`adapter`) or the run's checkpoint (`step`, default latest)."""
-    from jaxpeft.adapters.peft_io import import_peft
-
+    """Evaluate a trained adapter: from an adapter folder (`adapter`: HF PEFT or jaxpeft format) or the run's
+    checkpoint (`step`, default latest)."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     ctx = _context(cfg)
     if adapter is not None:
-        model, state = import_peft(AdaptedModel.wrap(ctx.pretrained.module), ctx.pretrained.params, adapter,
-                                   name=ADAPTER_NAME)
+        model, state = load_any(AdaptedModel.wrap(ctx.pretrained.module), ctx.pretrained.params, adapter,
+                                name=ADAPTER_NAME)
         ctx.model, ctx.state = model, state
         ctx.eval_loss_fn = make_eval_loss(model, ctx.task)
         trainable = state["trainable"]
@@ -283,7 +303,8 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
 
 def export_checkpoint(config: RunConfig | str | dict, out_dir: str, *, step: int | None = None,
                       overrides: tuple[str, ...] | list[str] = ()) -> Path:
-    """Write a run checkpoint (default latest) as a PEFT adapter folder."""
+    """Write a run checkpoint (default latest) as an adapter folder: HF PEFT format when PEFT can hold the method,
+    else the jaxpeft format."""
     from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -293,8 +314,8 @@ def export_checkpoint(config: RunConfig | str | dict, out_dir: str, *, step: int
                            base_fingerprint=fingerprint(ctx.pretrained.params))
     trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
     ckpt.close()
-    return export_peft(ctx.model, {"trainable": trainable, "extras": ctx.state["extras"]}, ADAPTER_NAME, out_dir,
-                       base_model_name_or_path=cfg.model.checkpoint)
+    return save_any(ctx.model, {"trainable": trainable, "extras": ctx.state["extras"]}, ADAPTER_NAME, out_dir,
+                    base_model_name_or_path=cfg.model.checkpoint)[0]
 
 
 def merge_to_folder(checkpoint: str, adapter: str, out_dir: str, task: str = "causal_lm") -> Path:
@@ -302,12 +323,11 @@ def merge_to_folder(checkpoint: str, adapter: str, out_dir: str, task: str = "ca
     from safetensors.numpy import save_file
 
     from jaxpeft.adapters.merge import merge
-    from jaxpeft.adapters.peft_io import import_peft
     from jaxpeft.loading.convert import params_to_hf
     from jaxpeft.loading.pretrained import load_pretrained
 
     pre = load_pretrained(checkpoint, task=task)
-    model, state = import_peft(AdaptedModel.wrap(pre.module), pre.params, adapter)
+    model, state = load_any(AdaptedModel.wrap(pre.module), pre.params, adapter)
     merged, _ = merge(model, pre.params, state, "default")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

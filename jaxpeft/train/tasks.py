@@ -71,6 +71,14 @@ class CausalLMTask(Task):
     def prompt_ids(self, row: dict[str, Any], index: int) -> list[int]:
         return self.tokenizer.encode(self.prompt_text(row, index))
 
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Also the prompt span (tokens before the first scored one): prefix hooks that pool (APT's gate) read
+        only the prompt, so no position sees the response it is trained to predict."""
+        extra = super().model_inputs(batch)
+        if "loss_mask" in batch:
+            extra["prompt_mask_bt"] = jnp.cumsum(jnp.asarray(batch["loss_mask"]), axis=1) == 0
+        return extra
+
     def encode(self, row, index):
         p = self.prompt_ids(row, index)
         response = str(_field(row, self.cfg.data.response_field, index, "response_field"))

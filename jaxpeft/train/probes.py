@@ -1,0 +1,130 @@
+"""Probes of trained adapters: APT's gates as a diagnostic (per-layer statistics, a heatmap) and as a guide
+(per-layer prefix lengths for P-tuning v2, the paper's PT-2*).
+
+Imports jax/numpy, jaxpeft.adapters and sibling train modules; matplotlib only when drawing (Agg canvas).
+Gate values come from the model's own forward (`AdaptedModel.apply(capture=True)`: the method records them
+where it computes them, under scan, one row per layer).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpeft.adapters import AdaptedModel
+from jaxpeft.adapters.method import method_for
+
+GATES_JSON, GATES_PNG = "gates.json", "gates.png"
+
+
+def has_gates(model: AdaptedModel) -> bool:
+    """Whether an adapter of the model has gates to probe (APT)."""
+    return any(hasattr(method_for(s.config), "gates") for s in model.adapters)
+
+
+def _find(tree: Any, suffix: str) -> list[np.ndarray]:
+    out = []
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            if isinstance(k, str) and k.endswith(suffix):
+                out.extend(np.asarray(x) for x in (v if isinstance(v, tuple) else (v,)))
+            else:
+                out.extend(_find(v, suffix))
+    return out
+
+
+def gate_statistics(model: AdaptedModel, frozen: Any, state: Any, batches: Iterable[dict[str, np.ndarray]],
+                    model_inputs: Any = None, name: str = "default") -> dict[str, Any]:
+    """Mean token gate per layer and prefix slot over the rows of `batches` (rows with example_weight 0 are
+    skipped), and lambda per layer.
+
+    Returns {"mean_token_gate": (L, l) list, "lambda": (L,) list, "effective": (L,) lambda * mean gate over the
+    layer's real slots, "layers_used": selected layers, "rows": n}.
+    """
+    def probe(state, batch):
+        extra = model_inputs(batch) if model_inputs is not None else {}
+        _, captured = model.apply(frozen, state, batch["input_ids"], batch["attention_mask"], active=name,
+                                  capture=True, **extra)
+        return captured
+
+    fn = jax.jit(probe)
+    total, rows, lam = None, 0, None
+    for batch in batches:
+        captured = fn(state, batch)
+        alpha = _find(captured, f"{name}:token_gate")
+        lams = _find(captured, f"{name}:lambda")
+        keep = np.asarray(batch.get("example_weight", np.ones(batch["input_ids"].shape[0]))) > 0
+        if alpha:
+            a = alpha[0]  # (L, B, l)
+            part = a[:, keep].sum(axis=1)
+            total = part if total is None else total + part
+        if lams:
+            lam = np.asarray(lams[0]).reshape(-1)
+        rows += int(keep.sum())
+    spec = model.spec(name)
+    cfg = spec.config
+    site = spec.hooks[0]
+    method = method_for(cfg)
+    lengths = method.layer_lengths(cfg, site) if hasattr(method, "layer_lengths") else (method.num_slots(cfg),)
+    n_layers, l = site.num_layers, method.num_slots(cfg)
+    mean = (total / max(rows, 1)) if total is not None else np.ones((n_layers, l))
+    lam = lam if lam is not None else np.ones((n_layers,))
+    slot_mask = np.arange(l)[None, :] < np.asarray(lengths)[:, None]
+    per_layer = np.where(slot_mask, mean, 0).sum(1) / np.maximum(slot_mask.sum(1), 1)
+    return {"mean_token_gate": mean.tolist(), "lambda": lam.tolist(), "effective": (lam * per_layer).tolist(),
+            "layers_used": list(site.layers), "prefix_lengths": list(lengths), "rows": rows}
+
+
+def write_gate_report(stats: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """gates.json and gates.png (heatmap of lambda * token gate per layer and slot, and lambda per layer)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / GATES_JSON).write_text(json.dumps(dict(stats), indent=2) + "\n")
+    mean = np.asarray(stats["mean_token_gate"])
+    lam = np.asarray(stats["lambda"])
+    fig = Figure(figsize=(8, 0.35 * mean.shape[0] + 2))
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [4, 1]})
+    im = ax.imshow(lam[:, None] * mean, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xlabel("prefix slot")
+    ax.set_ylabel("layer")
+    ax.set_title("APT: lambda x mean token gate")
+    fig.colorbar(im, ax=ax)
+    bx.barh(np.arange(len(lam)), lam)
+    bx.set_ylim(-0.5, len(lam) - 0.5)
+    bx.set_title("lambda")
+    fig.tight_layout()
+    fig.savefig(out / GATES_PNG, dpi=100)
+    return {"json": out / GATES_JSON, "png": out / GATES_PNG}
+
+
+def gate_report(ctx: Any, trainable: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Gate statistics of a run's adapter on its evaluation split, written into the run directory."""
+    from jaxpeft.train.data import eval_batches
+
+    pad = ctx.pretrained.tokenizer.pad_token_id or 0
+    state = {"trainable": trainable, "extras": ctx.state["extras"]}
+    batches = eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    name = next(s.name for s in ctx.model.adapters if hasattr(method_for(s.config), "gates"))
+    stats = gate_statistics(ctx.model, ctx.pretrained.params, state, batches, ctx.task.model_inputs, name)
+    return write_gate_report(stats, out_dir)
+
+
+def prefix_lengths_from_gates(stats: Mapping[str, Any], max_length: int | None = None, min_length: int = 1
+                              ) -> tuple[int, ...]:
+    """Per-layer prefix lengths for P-tuning v2 from learned gates (PT-2*): the layer with the largest effective
+    gate (lambda x mean token gate) keeps `max_length` (default: the APT run's longest prefix), every other layer
+    a proportional share, rounded, at least `min_length`."""
+    eff = np.abs(np.asarray(stats["effective"], np.float64))
+    top = max_length or max(stats.get("prefix_lengths") or [len(stats["mean_token_gate"][0])])
+    if eff.max() <= 0:
+        return (top,) * len(eff)
+    return tuple(int(max(min_length, round(top * e / eff.max()))) for e in eff)
