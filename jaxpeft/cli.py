@@ -1,12 +1,14 @@
-"""The `jaxpeft` command line: thin verbs over the library (download, generate, train, eval, export, merge).
+"""The `jaxpeft` command line: thin verbs over the library (download, generate, train, eval, export, merge, apt-to-pt2).
 
 Imports jaxpeft lazily per verb so `jaxpeft --help` and `jaxpeft download` start fast.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def _enable_compilation_cache() -> None:
@@ -140,6 +142,45 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_apt_to_pt2(args: argparse.Namespace) -> int:
+    """An APT run's learned gates -> per-layer prefix lengths -> a P-tuning v2 config (PT-2*), optionally trained."""
+    import yaml
+
+    from jaxpeft.train.config import ConfigError, dump_config, load_config
+    from jaxpeft.train.probes import GATES_JSON, prefix_lengths_from_gates
+
+    run_dir = Path(args.run_dir)
+    try:
+        if not (run_dir / GATES_JSON).exists() or not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir}: not a finished APT run directory (needs {GATES_JSON} and config.yaml; "
+                              "train an APT config first)")
+        stats = json.loads((run_dir / GATES_JSON).read_text())
+        lengths = prefix_lengths_from_gates(stats, max_length=args.max_length, min_length=args.min_length)
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        keep = {k: v for k, v in raw["adapter"].items() if k in _PT2_KEYS and v is not None}
+        raw["adapter"] = dict(keep, method="ptuning_v2", prefix_lengths=list(lengths))
+        raw["train"]["output_dir"] = args.output_dir or str(run_dir) + "_pt2star"
+        cfg = load_config(raw, args.set)
+    except (*_errors(), OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(dump_config(cfg))
+    print(f"per-layer prefix lengths {list(lengths)} (APT used {stats.get('prefix_lengths')}); config: {args.out}")
+    if args.train:
+        from jaxpeft.train.runner import TrainingDiverged, run
+
+        try:
+            run(cfg)
+        except (*_errors(), TrainingDiverged) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+_PT2_KEYS = ("layers_to_transform", "modules_to_save", "num_virtual_tokens", "init_weights", "init_std",
+             "prefix_dropout", "position_offset")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpeft", description="Parameter-efficient fine-tuning in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--task", default="causal_lm", choices=["causal_lm", "seq_cls", "token_cls", "base"])
     m.set_defaults(func=_cmd_merge)
+    a = sub.add_parser("apt-to-pt2", help="turn an APT run's learned gates into per-layer prefix lengths and write "
+                                          "(and with --train, train) the P-tuning v2 config that uses them (PT-2*)")
+    a.add_argument("run_dir", help="a finished APT run directory (holds gates.json and config.yaml)")
+    a.add_argument("--out", required=True, help="where to write the P-tuning v2 config YAML")
+    a.add_argument("--output-dir", default=None, help="train.output_dir of the new run (default RUN_DIR_pt2star)")
+    a.add_argument("--max-length", type=int, default=None, help="length of the most-gated layer (default: APT's l)")
+    a.add_argument("--min-length", type=int, default=1, help="shortest per-layer prefix (default 1)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the new config")
+    a.add_argument("--train", action="store_true", help="train the new config right away")
+    a.set_defaults(func=_cmd_apt_to_pt2)
     return parser
 
 
