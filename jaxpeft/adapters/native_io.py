@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
+from jaxpeft.adapters.folder import read_folder, write_atomically
 from jaxpeft.adapters.method import METHODS, method_for
 from jaxpeft.loading.errors import CheckpointError
 
@@ -87,27 +86,6 @@ def state_arrays(model: AdaptedModel, state: AdapterState, name: str, *, fold: b
     return cfg, arrays
 
 
-def _atomic_dir(out: Path, write) -> Path:
-    """Write a folder's files with `write(tmp_dir)` under a temporary name, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def save_adapter(model: AdaptedModel, state: AdapterState, name: str, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write adapter `name` in the jaxpeft format (see the module docstring); returns the folder."""
@@ -127,7 +105,7 @@ def save_adapter(model: AdaptedModel, state: AdapterState, name: str, out_dir: s
             f"# {name}\n\nA {cfg.method} adapter in the jaxpeft format (no Hugging Face PEFT form). Load it with "
             "`jaxpeft.adapters.load_adapter(model, frozen_params, path)` or `jaxpeft eval/generate --adapter PATH`.\n")
 
-    return _atomic_dir(Path(out_dir), write)
+    return write_atomically(out_dir, write)
 
 
 def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.PathLike, name: str = "default",
@@ -136,18 +114,10 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
 
     Strict: every array the adapter needs must be present with its shape, and no other array may be.
     """
-    from safetensors.numpy import load_file
-
     path = Path(path)
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, weights):
-        if not f.exists():
-            raise CheckpointError(f"{path}: not a jaxpeft adapter folder (missing {f.name})")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is corrupt") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta, tensors = read_folder(path, CONFIG_FILE, WEIGHTS_FILE, "jaxpeft adapter")
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: not a jaxpeft adapter description (format {FORMAT!r} expected)")
     if meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{cfg_file}: format version {meta['version']} is newer than this jaxpeft reads "
@@ -159,10 +129,6 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
         raise CheckpointError(f"{path}: the adapter was made for task {meta.get('task')!r}, this model's task is "
                               f"{model.task!r}")
     config = config_from_dict(meta.get("method", ""), meta.get("config", {}))
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error type for truncated files
-        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
     model = model.add(name, config)
     state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
     _, template = state_arrays(model, state, name, fold=False)

@@ -244,23 +244,11 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     Lenient where PEFT is: target entries matching nothing are allowed, and unexpected tensors only warn;
     a tensor missing for an adapted module raises CheckpointError.
     """
-    from safetensors.numpy import load_file
+    from jaxpeft.adapters.folder import read_folder
 
     path = Path(path)
-    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.exists():
-            raise CheckpointError(f"{path}: not a PEFT adapter folder (missing {f.name})")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is corrupt") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error type for truncated files
-        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
+    weights = path / "adapter_model.safetensors"
+    raw, tensors = read_folder(path, "adapter_config.json", weights.name, "PEFT adapter")
     config = config_from_peft(raw)
     # PEFT ignores modules_to_save entries the model lacks (it adds both 'classifier' and 'score' for SEQ_CLS)
     present = tuple(m for m in config.modules_to_save if m in frozen)

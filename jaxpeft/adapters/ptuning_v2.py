@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from jaxpeft.adapters.method import register
-from jaxpeft.adapters.prefix import PrefixTuning, PrefixTuningConfig, check_prefix_config
+from jaxpeft.adapters.prefix import PrefixTuning, PrefixTuningConfig
 
 
 @dataclass(frozen=True)
@@ -79,5 +79,4 @@ class PTuningV2(PrefixTuning):
         return sum(lengths[i] for i in site.layers) if site.layered else lengths[0]
 
 
-check_prefix_config  # re-exported for subclasses' configs  # noqa: B018
 register(PTuningV2())

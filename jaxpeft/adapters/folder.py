@@ -1,0 +1,63 @@
+"""Adapter folders on disk: reading a (JSON description, safetensors weights) pair with clear errors, and writing a
+folder atomically. Imports safetensors and jaxpeft.loading.errors only; both adapter formats use it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpeft.loading.errors import CheckpointError
+
+
+def read_folder(path: str | os.PathLike, config_name: str, weights_name: str, what: str
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(description dict, {key: array}) of an adapter folder; CheckpointError for a missing, corrupt or truncated
+    file (`what` names the format in messages, e.g. 'PEFT adapter')."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / config_name, path / weights_name
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise CheckpointError(f"{path}: not a {what} folder (missing {f.name})")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is corrupt") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for truncated files
+        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
+    return raw, tensors
+
+
+def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder with `write(tmp)`, then rename it to `out` (replacing an older folder), so a
+    half-written folder never carries the final name."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
