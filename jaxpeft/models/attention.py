@@ -79,18 +79,20 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
 
 def attach_prefix(call_hook, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array,
                   prefix_state: tuple[str, jax.Array] | None = None, *, sliding: jax.Array | None = None,
-                  window: int | None = None):
+                  window: int | None = None, token_index_bt: jax.Array | None = None):
     """Run a layer's prefix hook and put its entries where attention reads them.
 
     call_hook() -> Prefix | None. Returns (k, v, mask, prefix_valid_bp or None).
     - No cache (prefix_state None): prefix keys/values are concatenated before the layer's own, and every
-      query sees the valid entries. In a sliding-window layer (`sliding` true, `window` W) entry j sits at slot
-      j and the query at token t at slot l + t, as in Hugging Face's cache, so it sees entry j while
-      l + t - j < W.
+      query sees the valid entries.
     - KV cache with P reserved prefix slots (prefix_state = ('pending', (B, P)) at prefill, ('ready', (B, P))
       at decode): at prefill the hook runs once and its entries are written into slots [0, l) of the cache
       (the k/v given here are the whole cache arrays); at decode the hook is not called and the slots are
       read from the cache. The (B, P) validity of this layer's slots masks them in both cases.
+    - Sliding-window layers (`sliding` true, window W; token_index_bt (B, T) = each token's index among its row's
+      real tokens): entry j of an l-entry prefix sits just before the first real token, so the token with index r
+      sees it while l + r - j < W, as Hugging Face's cache does on unpadded rows. Pads do not count (Hugging Face
+      counts left pads as slots), so a row's result does not depend on the batch's padding.
     """
     if prefix_state is None:
         prefix = call_hook()
@@ -99,9 +101,7 @@ def attach_prefix(call_hook, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: ja
         b, _, t, _ = mask_b1ts.shape
         n = prefix.mask_bl.shape[1]
         pmask = jnp.broadcast_to(prefix.mask_bl.astype(bool)[:, None, None, :], (b, 1, t, n))
-        if window is not None and sliding is not None:
-            near = (n + jnp.arange(t)[:, None] - jnp.arange(n)[None, :]) < window  # (T, l)
-            pmask = pmask & jnp.where(sliding, near, True)[None, None]
+        pmask = pmask & _prefix_window(n, sliding, window, token_index_bt)
         return (jnp.concatenate([prefix.k_blhd.astype(k_bshd.dtype), k_bshd], axis=1),
                 jnp.concatenate([prefix.v_blhd.astype(v_bshd.dtype), v_bshd], axis=1),
                 jnp.concatenate([pmask, mask_b1ts], axis=-1), None)
@@ -119,8 +119,18 @@ def attach_prefix(call_hook, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: ja
             k_bshd = jax.lax.dynamic_update_slice(k_bshd, prefix.k_blhd.astype(k_bshd.dtype), (0, 0, 0, 0))
             v_bshd = jax.lax.dynamic_update_slice(v_bshd, prefix.v_blhd.astype(v_bshd.dtype), (0, 0, 0, 0))
             valid_bp = jnp.pad(prefix.mask_bl.astype(bool), ((0, 0), (0, slots - n)))
-    full = jnp.concatenate([valid_bp, jnp.ones((valid_bp.shape[0], k_bshd.shape[1] - slots), bool)], axis=1)
-    return k_bshd, v_bshd, mask_b1ts & full[:, None, None, :], valid_bp
+    b, _, t, _ = mask_b1ts.shape
+    pmask = jnp.broadcast_to(valid_bp[:, None, None, :] & _prefix_window(slots, sliding, window, token_index_bt),
+                             (b, 1, t, slots))
+    return k_bshd, v_bshd, jnp.concatenate([pmask, mask_b1ts[..., slots:]], axis=-1), valid_bp
+
+
+def _prefix_window(n: int, sliding: jax.Array | None, window: int | None, token_index_bt: jax.Array | None):
+    """(B, 1, T, n) bool (or True): which of n prefix entries a sliding layer's window still covers."""
+    if window is None or sliding is None or token_index_bt is None:
+        return jnp.asarray(True)
+    near = (n + token_index_bt[:, :, None] - jnp.arange(n)[None, None, :]) < window  # (B, T, n)
+    return jnp.where(sliding, near, True)[:, None]
 
 
 def no_prefix_in_cache(prefix: Prefix | None) -> None:

@@ -61,7 +61,8 @@ class DecoderAttention(nn.Module):
                 no_prefix_in_cache(hook())
         if kv_cache is None or state is not None:
             k, v, mask, valid = attach_prefix(hook, k, v, mask, state, sliding=is_sliding if any(cfg.sliding_layers)
-                                              else None, window=cfg.sliding_window)
+                                              else None, window=cfg.sliding_window,
+                                              token_index_bt=ctx.get("token_index_bt"))
         if kv_cache is not None:
             new_kv = {"kv": (k, v)} if state is None else {"kv": (k, v), "prefix_valid": valid}
         rate = 0.0 if deterministic else cfg.attention_dropout
@@ -159,6 +160,9 @@ class DecoderModel(nn.Module):
                "rope": rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
         if any(cfg.sliding_layers):
             ctx["mask_local"] = attention_mask(q_slots, key_valid, causal=True, window=cfg.sliding_window)
+            # each token's index among its row's real tokens (cached ones included): prefix windows ignore pads
+            seen = 0 if cache is None else jnp.sum(cache.key_valid, axis=1) - cache.prefix_slots
+            ctx["token_index_bt"] = jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1 + jnp.reshape(seen, (-1, 1))
             ctx["rope_local"] = rope_tables(positions_bt, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
         layer_xs = {"is_sliding": jnp.asarray(cfg.sliding_layers)}
         if cache is not None:
