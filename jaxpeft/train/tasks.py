@@ -76,7 +76,8 @@ class CausalLMTask(Task):
         only the prompt, so no position sees the response it is trained to predict."""
         extra = super().model_inputs(batch)
         if "loss_mask" in batch:
-            extra["prompt_mask_bt"] = jnp.cumsum(jnp.asarray(batch["loss_mask"]), axis=1) == 0
+            prompt = jnp.cumsum(jnp.asarray(batch["loss_mask"]), axis=1) == 0
+            extra["prompt_mask_bt"] = prompt & (jnp.asarray(batch["attention_mask"]) > 0)
         return extra
 
     def encode(self, row, index):
