@@ -102,15 +102,15 @@ class APT(PTuningV2):
         return alpha, lam
 
     def prefix(self, cfg, site, x_btd, mask_bt, pool_mask_bt, trainable, extras, dropout, sow):
-        pk, pv = self.layer_entries(cfg, trainable, extras, dropout)  # (l, H_kv, d_h)
+        b = x_btd.shape[0]
+        pk, pv = self.layer_entries(cfg, trainable, extras, dropout, b)  # (B, l, H_kv, d_h)
         alpha, lam = self.gates(cfg, x_btd, pool_mask_bt, trainable)
         sow("token_gate", alpha)
         sow("lambda", lam)
         g = (lam * alpha)[:, :, None, None]  # (B, l, 1, 1)
-        b = x_btd.shape[0]
-        k = g * pk if cfg.gate_on == "kv" else jnp.broadcast_to(pk, (b,) + pk.shape)
+        k = g * pk if cfg.gate_on == "kv" else pk
         v = g * pv
-        return Prefix(k, v, jnp.broadcast_to(self.slot_mask(cfg, extras), (b, pk.shape[0])))
+        return Prefix(k, v, jnp.broadcast_to(self.slot_mask(cfg, extras), (b, pk.shape[1])))
 
     def count(self, cfg, site, node):
         prefix = {k: v for k, v in node.items() if k in ("prefix_k", "prefix_v")}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxpeft.loading.errors import CheckpointError
+from jaxpeft.loading.fileperm import publish_dir, publish_file
 
 
 def read_folder(path: str | os.PathLike, config_name: str, weights_name: str, what: str
@@ -40,14 +41,23 @@ def read_folder(path: str | os.PathLike, config_name: str, weights_name: str, wh
     return raw, tensors
 
 
-def write_atomically(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder with `write(tmp)`, then rename it to `out` (replacing an older folder), so a
-    half-written folder never carries the final name."""
+def write_atomically(out: str | os.PathLike, write: Callable[[Path], None], replaceable: tuple[str, ...] = ()) -> Path:
+    """Fill a temporary sibling folder with `write(tmp)`, then rename it to `out`, so a half-written folder never
+    carries the final name. An existing `out` is replaced only when it holds nothing but `replaceable` files (an
+    older copy of the same folder); anything else there is an error, never deleted."""
     out = Path(out)
+    if out.exists():
+        other = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+        other = [n for n in other if n not in replaceable]
+        if other:
+            raise FileExistsError(f"{out} exists and holds other files ({other[:5]}): choose an empty or new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
+        publish_dir(tmp)
+        for f in tmp.iterdir():
+            publish_file(f)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")

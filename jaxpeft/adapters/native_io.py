@@ -51,6 +51,8 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 def config_from_dict(method: str, fields: Mapping[str, Any]) -> Any:
     """An adapter config from `config_dict` output (CheckpointError for an unknown method or field)."""
+    if not isinstance(fields, Mapping):
+        raise CheckpointError(f"{method} adapter config is not a JSON object (got {type(fields).__name__})")
     if method not in METHODS:
         raise CheckpointError(f"adapter method {method!r} is not registered in this jaxpeft (have {sorted(METHODS)})")
     cls = METHODS[method].config_cls
@@ -105,7 +107,7 @@ def save_adapter(model: AdaptedModel, state: AdapterState, name: str, out_dir: s
             f"# {name}\n\nA {cfg.method} adapter in the jaxpeft format (no Hugging Face PEFT form). Load it with "
             "`jaxpeft.adapters.load_adapter(model, frozen_params, path)` or `jaxpeft eval/generate --adapter PATH`.\n")
 
-    return write_atomically(out_dir, write)
+    return write_atomically(out_dir, write, replaceable=(CONFIG_FILE, WEIGHTS_FILE, "README.md"))
 
 
 def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.PathLike, name: str = "default",
@@ -128,7 +130,7 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
     if meta.get("task") not in (None, model.task):
         raise CheckpointError(f"{path}: the adapter was made for task {meta.get('task')!r}, this model's task is "
                               f"{model.task!r}")
-    config = config_from_dict(meta.get("method", ""), meta.get("config", {}))
+    config = config_from_dict(str(meta.get("method", "")), meta.get("config"))
     model = model.add(name, config)
     state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
     _, template = state_arrays(model, state, name, fold=False)

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
+from jaxpeft.loading.fileperm import publish_file
 from jaxpeft.adapters.method import method_for
 from jaxpeft.loading.errors import CheckpointError
 from jaxpeft.models.namemap import ARCH_NAMES
@@ -189,6 +190,7 @@ def export_peft(model: AdaptedModel, state: AdapterState, name: str, out_dir: st
     tensors = adapter_tensors(model, state, name)
     tmp = out / ".adapter_model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    publish_file(tmp)
     os.replace(tmp, out / "adapter_model.safetensors")
     cfg = peft_config_dict(model, name, base_model_name_or_path)
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

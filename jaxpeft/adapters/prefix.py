@@ -156,9 +156,11 @@ class PrefixTuning(PrefixMethod):
                 dict(extras, shared={}))
 
     # ---- forward ------------------------------------------------------------------------------------
-    def layer_entries(self, cfg, trainable, extras, dropout):
-        """(P_K, P_V) (l, H_kv, d_h) of this layer, dropout applied to the whole prefix."""
-        return dropout(trainable["prefix_k"]), dropout(trainable["prefix_v"])
+    def layer_entries(self, cfg, trainable, extras, dropout, batch: int):
+        """(P_K, P_V) (B, l, H_kv, d_h) of this layer, dropout drawn per example over the whole prefix."""
+        shape = (batch,) + trainable["prefix_k"].shape
+        return (dropout(jnp.broadcast_to(trainable["prefix_k"], shape)),
+                dropout(jnp.broadcast_to(trainable["prefix_v"], shape)))
 
     def slot_mask(self, cfg, extras) -> jax.Array:
         """(l,) bool: the real entries of this layer (per-layer lengths pad shorter layers)."""
@@ -168,10 +170,8 @@ class PrefixTuning(PrefixMethod):
 
     def prefix(self, cfg, site, x_btd, mask_bt, pool_mask_bt, trainable, extras, dropout, sow):
         b = x_btd.shape[0]
-        pk, pv = self.layer_entries(cfg, trainable, extras, dropout)
-        shape = (b,) + pk.shape
-        return Prefix(jnp.broadcast_to(pk, shape), jnp.broadcast_to(pv, shape),
-                      jnp.broadcast_to(self.slot_mask(cfg, extras), (b, pk.shape[0])))
+        pk, pv = self.layer_entries(cfg, trainable, extras, dropout, b)
+        return Prefix(pk, pv, jnp.broadcast_to(self.slot_mask(cfg, extras), (b, pk.shape[1])))
 
     def count(self, cfg, site, node):
         n = len(site.layers) if site.layered else 1

@@ -23,6 +23,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from jaxpeft.loading.errors import CheckpointError
+from jaxpeft.loading.fileperm import publish_file
 
 __all__ = ["GGUFCheckpoint", "load_gguf", "read_gguf_config"]
 
@@ -547,18 +548,6 @@ def _default_cache_dir(path: Path) -> Path | None:
     return path.resolve().with_name(path.name + ".jaxpeft") if os.access(parent, os.W_OK) else None
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (Linux /proc), else the common 022."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _atomic_write(dest: Path, write) -> None:
     """Call `write(tmp_path)` on a temp file next to `dest`, then os.replace it into place.
 
@@ -567,7 +556,7 @@ def _atomic_write(dest: Path, write) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
+        publish_file(tmp)  # safetensors creates its file 0600
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -44,7 +44,7 @@ def gate_statistics(model: AdaptedModel, frozen: Any, state: Any, batches: Itera
     skipped), and lambda per layer.
 
     Returns {"mean_token_gate": (L, l) list, "lambda": (L,) list, "effective": (L,) lambda * mean gate over the
-    layer's real slots, "layers_used": selected layers, "rows": n}.
+    layer's real slots (0 for layers without a prefix), "layers_used": selected layers, "rows": n}.
     """
     def probe(state, batch):
         extra = model_inputs(batch) if model_inputs is not None else {}
@@ -76,6 +76,9 @@ def gate_statistics(model: AdaptedModel, frozen: Any, state: Any, batches: Itera
     lam = lam if lam is not None else np.ones((n_layers,))
     slot_mask = np.arange(l)[None, :] < np.asarray(lengths)[:, None]
     per_layer = np.where(slot_mask, mean, 0).sum(1) / np.maximum(slot_mask.sum(1), 1)
+    used = np.zeros((n_layers,), bool)
+    used[list(site.layers) if site.layered else slice(None)] = True
+    per_layer = np.where(used, per_layer, 0.0)  # a layer without a prefix has no effective gate
     return {"mean_token_gate": mean.tolist(), "lambda": lam.tolist(), "effective": (lam * per_layer).tolist(),
             "layers_used": list(site.layers), "prefix_lengths": list(lengths), "rows": rows}
 
