@@ -18,9 +18,10 @@ from jaxpeft.adapters.full import FullConfig
 from jaxpeft.adapters.ia3 import IA3Config
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import METHODS, DenseMethod, Method, PrefixMethod, register
+from jaxpeft.adapters.native_io import load_adapter, load_any, save_adapter, save_any
 from jaxpeft.adapters.prefix import PrefixTuningConfig
 from jaxpeft.adapters.ptuning_v2 import PTuningV2Config
 
 __all__ = ["ALL", "APTConfig", "AdaptedModel", "AdapterConfig", "AdapterState", "DenseMethod", "DoraConfig", "FullConfig",
            "IA3Config", "LoraConfig", "METHODS", "Method", "PTuningV2Config", "PrefixMethod", "PrefixTuningConfig",
-           "drop_adapter", "register"]
+           "drop_adapter", "load_adapter", "load_any", "register", "save_adapter", "save_any"]
