@@ -26,7 +26,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from jaxpeft.train.logging import read_metrics
+import train_procs as tp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,42 +60,16 @@ def _cli(args) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def _popen(args, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "jaxpeft", *map(str, args)], stdout=f,
-                                stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
 
 
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return log.read_text()
 
 
-def _committed(ckpt_dir: Path, step: int) -> bool:
-    """Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` on commit."""
-    return (ckpt_dir / str(step)).is_dir() and not any(ckpt_dir.glob(f"{step}.orbax-checkpoint-tmp*"))
 
 
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
 
 
-def _evals(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: {k: v for k, v in r.items() if k not in ("step", "split", "time")}
-            for r in read_metrics(run_dir) if r["split"] == "eval"}
 
 
-def _assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert sorted(ta) == sorted(tb)
-    assert ta, f"{a} holds no tensors"
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
-        assert ta[k].tobytes() == tb[k].tobytes(), f"{k} differs between {a} and {b}"
 
 
 def _assert_same_metrics(got: dict, want: dict) -> None:
@@ -255,7 +229,7 @@ def test_apt_to_pt2_writes_ptuning_v2_config_with_gate_derived_lengths_and_train
     assert written["model"]["task"] == "seq_cls" and written["data"]["path"] == apt_bert_run["cfg"]["data"]["path"]
     assert f"per-layer prefix lengths {expected}" in r["stdout"]
     # --train ran it: two logged steps, and a P-tuning v2 adapter with those lengths
-    losses = _train_losses(r["run_dir"])
+    losses = tp.train_losses(r["run_dir"])
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
     meta = json.loads((r["run_dir"] / "adapter" / "jaxpeft_adapter.json").read_text())
     assert meta["method"] == "ptuning_v2" and meta["config"]["prefix_lengths"] == expected
@@ -304,7 +278,7 @@ def test_ptuning_v2_run_and_cli_export_write_the_same_jaxpeft_adapter(pt2_star_r
     meta = json.loads((adapter / "jaxpeft_adapter.json").read_text())
     assert meta["format"] == "jaxpeft-adapter" and meta["method"] == "ptuning_v2"
     assert (exported / "jaxpeft_adapter.json").read_text() == (adapter / "jaxpeft_adapter.json").read_text()
-    _assert_same_tensors(exported / "adapter.safetensors", adapter / "adapter.safetensors")
+    tp.assert_same_tensors(exported / "adapter.safetensors", adapter / "adapter.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ prefix tuning
@@ -391,14 +365,14 @@ def apt_llama_resumed(tmp_path_factory, build_config, cli_env) -> dict:
     started: list[subprocess.Popen] = []
 
     def start(args, log: str) -> subprocess.Popen:
-        started.append(_popen(args, cli_env, root / log))
+        started.append(tp.popen(args, cli_env, root / log))
         return started[-1]
 
     try:
         proc_b = start(["train", cfg_b], "b1.log")
         ckpts_b = run_b / "checkpoints"
         deadline = time.monotonic() + 300
-        while not _committed(ckpts_b, RESUME_KILL_AT):
+        while not tp.committed(ckpts_b, RESUME_KILL_AT):
             if proc_b.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"run B never committed checkpoint {RESUME_KILL_AT}:\n"
                             f"{(root / 'b1.log').read_text()[-4000:]}")
@@ -408,12 +382,12 @@ def apt_llama_resumed(tmp_path_factory, build_config, cli_env) -> dict:
         assert proc_b.returncode == -signal.SIGKILL
         if (run_b / "adapter").exists():  # pragma: no cover - the watcher lost the race against the whole run
             pytest.fail("run B finished before it could be killed; the test needs a longer run")
-        b1_train_steps = sorted(_train_losses(run_b))
+        b1_train_steps = sorted(tp.train_losses(run_b))
 
         proc_b2 = start(["train", cfg_b], "b2.log")
         proc_a = start(["train", cfg_a], "a.log")
-        log_a = _wait(proc_a, root / "a.log")
-        log_b2 = _wait(proc_b2, root / "b2.log")
+        log_a = tp.wait(proc_a, root / "a.log")
+        log_b2 = tp.wait(proc_b2, root / "b2.log")
         assert proc_a.returncode == 0, log_a[-4000:]
         assert proc_b2.returncode == 0, log_b2[-4000:]
     finally:
@@ -434,7 +408,7 @@ def test_apt_resume_after_sigkill_is_bit_exact(apt_llama_resumed):
     assert "resumed from" not in r["log_a"]
     assert r["b1_train_steps"][:RESUME_KILL_AT] == list(range(1, RESUME_KILL_AT + 1))
 
-    losses_a, losses_b = _train_losses(run_a), _train_losses(run_b)
+    losses_a, losses_b = tp.train_losses(run_a), tp.train_losses(run_b)
     assert sorted(losses_a) == sorted(losses_b) == list(range(1, RESUME_STEPS + 1))
     assert all(math.isfinite(v) for v in losses_a.values()) and len(set(losses_a.values())) > 1
     for step in losses_a:
@@ -442,13 +416,13 @@ def test_apt_resume_after_sigkill_is_bit_exact(apt_llama_resumed):
     for rec in read_metrics(run_b, raw=True):  # steps logged before the kill and again after it agree
         if rec["split"] == "train":
             assert rec["loss"] == losses_a[rec["step"]], rec
-    evals_a, evals_b = _evals(run_a), _evals(run_b)
+    evals_a, evals_b = tp.evals(run_a), tp.evals(run_b)
     assert sorted(evals_a) == [RESUME_STEPS] and "eval_loss" in evals_a[RESUME_STEPS]
     assert evals_b == evals_a
 
     adapter_a, adapter_b = run_a / "adapter", run_b / "adapter"
     assert json.loads((adapter_a / "jaxpeft_adapter.json").read_text())["method"] == "apt"
-    _assert_same_tensors(adapter_a / "adapter.safetensors", adapter_b / "adapter.safetensors")
+    tp.assert_same_tensors(adapter_a / "adapter.safetensors", adapter_b / "adapter.safetensors")
     assert (adapter_a / "jaxpeft_adapter.json").read_text() == (adapter_b / "jaxpeft_adapter.json").read_text()
     assert (run_a / "gates.json").read_text() == (run_b / "gates.json").read_text()
 

@@ -12,7 +12,6 @@ import math
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,48 +20,23 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxpeft.train.logging import read_metrics
+import train_procs as tp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_AT = 6
 STEPS = 12
 
 
-def _popen(args, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "jaxpeft", *map(str, args)], stdout=f,
-                                stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
 
 
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return log.read_text()
 
 
-def _committed(ckpt_dir: Path, step: int) -> bool:
-    """Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` on commit."""
-    return (ckpt_dir / str(step)).is_dir() and not any(ckpt_dir.glob(f"{step}.orbax-checkpoint-tmp*"))
 
 
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
 
 
-def _evals(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: {k: v for k, v in r.items() if k not in ("step", "split", "time")}
-            for r in read_metrics(run_dir) if r["split"] == "eval"}
 
 
-def _assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert sorted(ta) == sorted(tb)
-    assert ta, f"{a} holds no tensors"
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
-        assert ta[k].tobytes() == tb[k].tobytes(), f"{k} differs between {a} and {b}"
 
 
 def _printed_metrics(stdout: str) -> dict[str, str]:
@@ -91,7 +65,7 @@ def resumed_runs(tmp_path_factory, build_config, cli_env):
     started: list[subprocess.Popen] = []
 
     def start(args, log: str) -> subprocess.Popen:
-        started.append(_popen(args, cli_env, root / log))
+        started.append(tp.popen(args, cli_env, root / log))
         return started[-1]
 
     try:
@@ -100,7 +74,7 @@ def resumed_runs(tmp_path_factory, build_config, cli_env):
         proc_b = start(["train", cfg_b], "b1.log")
         ckpts_b = run_b / "checkpoints"
         deadline = time.monotonic() + 300
-        while not _committed(ckpts_b, KILL_AT):
+        while not tp.committed(ckpts_b, KILL_AT):
             if proc_b.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"run B never committed checkpoint {KILL_AT}:\n{(root / 'b1.log').read_text()[-4000:]}")
             time.sleep(0.002)
@@ -113,7 +87,7 @@ def resumed_runs(tmp_path_factory, build_config, cli_env):
 
         # B's second attempt (the same command) runs while A finishes; A's eval/export verbs start when A is done.
         proc_b2 = start(["train", cfg_b], "b2.log")
-        log_a = _wait(proc_a, root / "a.log")
+        log_a = tp.wait(proc_a, root / "a.log")
         assert proc_a.returncode == 0, log_a[-4000:]
         verbs = {
             "eval_adapter": ["eval", cfg_a, "--adapter", run_a / "adapter"],
@@ -121,9 +95,9 @@ def resumed_runs(tmp_path_factory, build_config, cli_env):
             "export": ["export", cfg_a, "--out", root / "exported"],
         }
         procs = {k: start(args, f"{k}.log") for k, args in verbs.items()}
-        log_b2 = _wait(proc_b2, root / "b2.log")
+        log_b2 = tp.wait(proc_b2, root / "b2.log")
         assert proc_b2.returncode == 0, log_b2[-4000:]
-        verb_logs = {k: _wait(p, root / f"{k}.log") for k, p in procs.items()}
+        verb_logs = {k: tp.wait(p, root / f"{k}.log") for k, p in procs.items()}
         for k, p in procs.items():
             assert p.returncode == 0, f"jaxpeft {' '.join(map(str, verbs[k]))}:\n{verb_logs[k][-3000:]}"
     finally:
@@ -145,7 +119,7 @@ def test_resume_after_sigkill_is_exact(resumed_runs):
     assert KILL_AT <= resumed_from < STEPS and resumed_from % 3 == 0
     assert "resumed from" not in r["log_a"]
 
-    losses_a, losses_b = _train_losses(run_a), _train_losses(run_b)
+    losses_a, losses_b = tp.train_losses(run_a), tp.train_losses(run_b)
     assert sorted(losses_a) == list(range(1, STEPS + 1))
     assert sorted(losses_b) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in losses_a.values())
@@ -157,13 +131,13 @@ def test_resume_after_sigkill_is_exact(resumed_runs):
         if rec["split"] == "train":
             assert rec["loss"] == losses_a[rec["step"]], rec
 
-    evals_a, evals_b = _evals(run_a), _evals(run_b)
+    evals_a, evals_b = tp.evals(run_a), tp.evals(run_b)
     assert sorted(evals_a) == [0, 6, STEPS] and sorted(evals_b) == [0, 6, STEPS]
     assert {"eval_loss", "exact_match"} <= set(evals_a[STEPS])
     assert evals_b == evals_a
 
     adapter_a, adapter_b = run_a / "adapter", run_b / "adapter"
-    _assert_same_tensors(adapter_a / "adapter_model.safetensors", adapter_b / "adapter_model.safetensors")
+    tp.assert_same_tensors(adapter_a / "adapter_model.safetensors", adapter_b / "adapter_model.safetensors")
     assert (adapter_a / "adapter_config.json").read_text() == (adapter_b / "adapter_config.json").read_text()
 
 
@@ -191,13 +165,13 @@ def test_checkpoints_after_resume(resumed_runs):
 def test_eval_and_export_agree_with_training(resumed_runs):
     """`jaxpeft eval --adapter`, `jaxpeft eval` (latest checkpoint) and `jaxpeft export` reproduce run A."""
     run_a, logs = resumed_runs["run_a"], resumed_runs["verb_logs"]
-    last_eval = _evals(run_a)[STEPS]
+    last_eval = tp.evals(run_a)[STEPS]
     expected = {k: f"{v:.4f}" for k, v in last_eval.items()}
     assert set(expected) == {"eval_loss", "exact_match"}
     for k in ("eval_adapter", "eval_ckpt"):
         printed = _printed_metrics(logs[k])
         assert printed == expected, f"jaxpeft {k} printed {printed}, training logged {expected}"
-    _assert_same_tensors(resumed_runs["exported"] / "adapter_model.safetensors",
+    tp.assert_same_tensors(resumed_runs["exported"] / "adapter_model.safetensors",
                          run_a / "adapter" / "adapter_model.safetensors")
 
 
@@ -244,7 +218,7 @@ def test_divergence_stops_with_the_step_and_keeps_checkpoints_restorable(diverge
     bad_step = int(m.group(1))
     assert 1 < bad_step <= 8, "the lr must leave at least one finite step before diverging (test premise)"
     assert not (r["out"] / "adapter").exists()
-    logged = _train_losses(r["out"])
+    logged = tp.train_losses(r["out"])
     assert sorted(logged) == list(range(1, bad_step))  # the NaN step itself is not logged as a loss
     assert all(math.isfinite(v) for v in logged.values())
 
