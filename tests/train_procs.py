@@ -52,3 +52,23 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
         assert ta[k].tobytes() == tb[k].tobytes(), f"{k} differs between {a} and {b}"
+
+
+def kill_after_commit(proc: subprocess.Popen, run_dir: Path, step: int, log: Path, timeout: float = 300) -> None:
+    """SIGKILL a training process as soon as its checkpoint `step` is committed; fails the test when the run dies
+    first, never commits it, or finishes before the kill lands."""
+    import signal
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not committed(run_dir / "checkpoints", step):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"run {run_dir.name} never committed checkpoint {step}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    if (run_dir / "adapter").exists():  # pragma: no cover - the watcher lost the race against the whole run
+        pytest.fail(f"run {run_dir.name} finished before it could be killed; the test needs a longer run")

@@ -23,10 +23,8 @@ import math
 import random
 import re
 import shutil
-import signal
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -370,18 +368,7 @@ def apt_llama_resumed(tmp_path_factory, build_config, cli_env) -> dict:
 
     try:
         proc_b = start(["train", cfg_b], "b1.log")
-        ckpts_b = run_b / "checkpoints"
-        deadline = time.monotonic() + 300
-        while not tp.committed(ckpts_b, RESUME_KILL_AT):
-            if proc_b.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"run B never committed checkpoint {RESUME_KILL_AT}:\n"
-                            f"{(root / 'b1.log').read_text()[-4000:]}")
-            time.sleep(0.002)
-        proc_b.send_signal(signal.SIGKILL)
-        proc_b.wait()
-        assert proc_b.returncode == -signal.SIGKILL
-        if (run_b / "adapter").exists():  # pragma: no cover - the watcher lost the race against the whole run
-            pytest.fail("run B finished before it could be killed; the test needs a longer run")
+        tp.kill_after_commit(proc_b, run_b, RESUME_KILL_AT, root / "b1.log")
         b1_train_steps = sorted(tp.train_losses(run_b))
 
         proc_b2 = start(["train", cfg_b], "b2.log")
