@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.method import method_for
+from jaxpeft.adapters.method import merge_paths, method_for
 from jaxpeft.adapters.targeting import (DenseModule, HookSite, ModuleTarget, dense_modules, find_hook_sites,
                                        generic_dense_modules, resolve_targets, select_hook_sites)
 from jaxpeft.models.attention import Prefix, PrefixHook
@@ -229,7 +229,7 @@ class AdaptedModel:
         for s in site_specs:
             tr, ex = state["trainable"][s.name], state["extras"][s.name]
             expanded = method_for(s.config).expand(s.config, s.sites, tr.get("shared", {}), ex.get("shared", {}))
-            variables[trainable_collection(s.name)] = _merge_paths(tr["modules"], expanded)
+            variables[trainable_collection(s.name)] = merge_paths(tr["modules"], expanded)
             variables[extras_collection(s.name)] = ex["modules"]
         kw = dict(kwargs, deterministic=deterministic) if _accepts(self.module, method, "deterministic") else kwargs
         offset = self.position_offsets(names, adapter_index, args[0].shape[0] if args else None)
@@ -275,15 +275,15 @@ class AdaptedModel:
         from jaxpeft.models.layers import jnp_dtype
 
         names = self._active(state, active)
-        slots = sum(method_for(self.spec(n).config).num_slots(self.spec(n).config) for n in names
-                    if self.spec(n).kind == "prefix")
         return KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim,
-                            dtype or jnp_dtype(cfg.dtype), prefix_slots=slots,
+                            dtype or jnp_dtype(cfg.dtype), prefix_slots=self._slots(names),
                             position_offset_b=self.position_offsets(names, adapter_index, batch))
 
     def prefix_slots(self, state: AdapterState | None = None, active: str | Sequence[str] | None = ALL) -> int:
         """How many key/value entries the active prefix adapters add to every attention layer."""
-        names = self._active(state, active) if state is not None else self.names
+        return self._slots(self._active(state, active) if state is not None else self.names)
+
+    def _slots(self, names: Sequence[str]) -> int:
         return sum(method_for(self.spec(n).config).num_slots(self.spec(n).config) for n in names
                    if self.spec(n).kind == "prefix")
 
@@ -440,19 +440,6 @@ def _accepts(module: nn.Module, method: Any, arg: str) -> bool:
         return arg in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _merge_paths(tree: Mapping[str, Any], additions: Mapping[str, Mapping[str, Any]]) -> Any:
-    """`tree` with {module path: {name: array}} added (a shallow copy: arrays are shared)."""
-    if not additions:
-        return tree
-    out = _to_dict(tree)
-    for path, leaves in additions.items():
-        node = out
-        for p in path.split("/"):
-            node = node.setdefault(p, {})
-        node.update(leaves)
-    return out
 
 
 def _plain(tree: Any) -> Any:

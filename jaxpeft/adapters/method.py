@@ -7,7 +7,7 @@ module defining a subclass plus one `register` call.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -132,6 +132,22 @@ class PrefixMethod(Method):
         """The same adapter without training-time machinery (e.g. a reparameterisation MLP folded into plain
         prefixes): (config, trainable, extras) of one adapter's state. Default: unchanged."""
         return cfg, trainable, extras
+
+
+def merge_paths(tree: Any, additions: dict[str, Vars]) -> Any:
+    """`tree` (nested dicts) with {'/'-joined module path: {name: array}} added; dicts are copied, arrays shared."""
+    def copy(node: Any) -> Any:
+        return {k: copy(v) for k, v in node.items()} if isinstance(node, Mapping) else node
+
+    if not additions:
+        return tree
+    out = copy(tree)
+    for path, leaves in additions.items():
+        node = out
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+        node.update(leaves)
+    return out
 
 
 METHODS: dict[str, Method] = {}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.method import PrefixMethod, register
+from jaxpeft.adapters.method import PrefixMethod, merge_paths, register
 from jaxpeft.models.attention import Prefix
 
 INITS = ("normal", "zero")
@@ -146,12 +146,8 @@ class PrefixTuning(PrefixMethod):
 
         if not cfg.prefix_projection:
             return cfg, trainable, extras
-        modules = _deep_copy(trainable["modules"])
-        for path, leaves in self.expand(cfg, sites, trainable["shared"], extras.get("shared", {})).items():
-            node = modules
-            for p in path.split("/"):
-                node = node.setdefault(p, {})
-            node.update(leaves)
+        modules = merge_paths(trainable["modules"],
+                              self.expand(cfg, sites, trainable["shared"], extras.get("shared", {})))
         return (dataclasses.replace(cfg, prefix_projection=False), dict(trainable, modules=modules, shared={}),
                 dict(extras, shared={}))
 
@@ -174,24 +170,15 @@ class PrefixTuning(PrefixMethod):
         return Prefix(pk, pv, jnp.broadcast_to(self.slot_mask(cfg, extras), (b, pk.shape[1])))
 
     def count(self, cfg, site, node):
-        n = len(site.layers) if site.layered else 1
-        per_entry = site.num_kv_heads * site.head_dim
-        total = 0
-        for key in ("prefix_k", "prefix_v"):
-            if key in node:
-                total += self.real_slots(cfg, site) * per_entry
+        """Real prefix entries (per-layer lengths skip padded slots) plus any other per-layer leaves."""
+        entries = sum(self.real_slots(cfg, site) * site.num_kv_heads * site.head_dim
+                      for key in ("prefix_k", "prefix_v") if key in node)
         rest = {k: v for k, v in node.items() if k not in ("prefix_k", "prefix_v")}
-        return total + (super().count(cfg, site, rest) if rest else 0) if n else 0
+        return entries + (super().count(cfg, site, rest) if rest else 0)
 
     def real_slots(self, cfg, site) -> int:
         """Entries summed over the selected layers (per-layer lengths count only real slots)."""
         return self.num_slots(cfg) * (len(site.layers) if site.layered else 1)
-
-
-def _deep_copy(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _deep_copy(v) for k, v in tree.items()}
-    return tree
 
 
 register(PrefixTuning())
