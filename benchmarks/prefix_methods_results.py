@@ -61,9 +61,13 @@ def config_path(task: str, method: str) -> Path:
     return Path("configs") / f"{method}_minilm_{task}.yaml"
 
 
-BUDGET: dict[str, dict[str, int]] = {"sentiment": {"steps": 30, "warmup": 3}, "ner": {"steps": 60, "warmup": 6}}
-"""The measured step budget per task (same for every method); it overrides the configs' own (250 steps, 20 warmup),
-which are what a user trains with."""
+BUDGET: dict[str, dict[str, int]] = {"sentiment": {"steps": 250, "warmup": 20}, "ner": {"steps": 250, "warmup": 20}}
+"""The measured step budget per task (same for every method); equal to the configs' own (250 steps, 20 warmup)."""
+
+DATA_OVERRIDES: dict[str, dict[str, str]] = {"sentiment": {"data.max_length": "64", "data.buckets": "[64]"}}
+"""Per-task data settings that differ from the configs (which a user trains with): sentiment reviews are truncated
+at 64 tokens instead of 128, which halves the cost of a step so that the 24 runs fit in about an hour of 2 CPU
+cores. Chosen before any 250-step sentiment run was trained."""
 
 
 def config_steps(task: str, method: str) -> int:
@@ -86,6 +90,7 @@ def train_command(task: str, method: str, seed: int) -> list[str]:
         "optim.warmup_steps": BUDGET[task]["warmup"],
         "train.eval_every": config_steps(task, method),
         "train.checkpoint_every": config_steps(task, method),
+        **DATA_OVERRIDES.get(task, {}),
     }
     cmd = ["jaxpeft", "train", config_path(task, method).as_posix()]
     for key, value in sets.items():

@@ -303,6 +303,48 @@ class AdaptedModel:
                 raise KeyError(f"adapter {n!r} has no weights in the given state (initialise or load it)")
         return names
 
+    # ---- method losses -------------------------------------------------------------------------------
+    def has_regularizer(self, placement: str = "loss", names: Sequence[str] | None = None) -> bool:
+        """Whether any of the adapters (all when names is None) declares a regulariser with this placement."""
+        return any(_regularizes(s, placement) for s in self.adapters if names is None or s.name in names)
+
+    def regularizer(self, state: AdapterState, *, placement: str = "loss", peak_lr: float | None = None,
+                    names: Sequence[str] | None = None) -> jax.Array:
+        """The adapters' method regularisers R (float32 scalar, 0.0 when none): summed over adapters, each
+        reduced as its method says over the modules and selected layers it adapts.
+
+        placement: 'loss' (added to the training loss) or 'post_clip' (its gradient joins the clipped task
+        gradient; the result is then scaled by each method's post_clip_scale(peak_lr)). Differentiable in
+        state['trainable'].
+        """
+        total = jnp.zeros((), jnp.float32)
+        for spec in self.adapters:
+            if (names is not None and spec.name not in names) or spec.name not in state["trainable"]:
+                continue
+            if not _regularizes(spec, placement):
+                continue
+            method = method_for(spec.config)
+            terms, weights = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+            for t in spec.targets:
+                node = dict(_get_path(state["trainable"][spec.name]["modules"], t.flax_module))
+                xnode = dict(_get_path(state["extras"][spec.name]["modules"], t.flax_module))
+                mask = xnode["layer_mask"].astype(jnp.float32)
+                options = dict(t.layer_options[0]) if t.layer_options else {}
+
+                def one(tr, ex, method=method, options=options, cfg=spec.config):
+                    term, weight = method.regularizer_term(cfg, options, tr, ex)
+                    return jnp.asarray(term, jnp.float32), jnp.asarray(weight, jnp.float32)
+
+                term, weight = jax.vmap(one)(node, xnode) if t.layered else one(node, xnode)
+                terms, weights = terms + jnp.sum(mask * term), weights + jnp.sum(mask * weight)
+            r = terms / jnp.maximum(weights, 1e-12) if method.regularizer_reduction(spec.config) == "mean" else terms
+            if placement == "post_clip":
+                if peak_lr is None:
+                    raise ValueError("a post_clip regulariser needs the configured peak learning rate (peak_lr)")
+                r = r * method.post_clip_scale(spec.config, peak_lr)
+            total = total + r
+        return total
+
     # ---- reporting -----------------------------------------------------------------------------------
     def summary(self, state: AdapterState | None = None) -> str:
         """Every adapted module with its layers and trainable shapes."""
@@ -430,6 +472,11 @@ def _dense(m: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None
     dtype = m.dtype or jnp.result_type(x, kernel)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
     return y if bias is None else y + bias.astype(dtype)
+
+
+def _regularizes(spec: AdapterSpec, placement: str) -> bool:
+    method = method_for(spec.config)
+    return method.has_regularizer(spec.config) and method.regularizer_placement(spec.config) == placement
 
 
 def _accepts(module: nn.Module, method: Any, arg: str) -> bool:

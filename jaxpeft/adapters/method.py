@@ -46,6 +46,33 @@ class Method:
         """Frozen per-layer values written over the stacked extras after init: {name: (L, ...)}."""
         return {}
 
+    # ---- method losses ---------------------------------------------------------------------------------
+    def has_regularizer(self, cfg: AdapterConfig) -> bool:
+        """True when the method adds a regulariser R of its variables to training (the core then adds it once
+        per optimizer step, after the task loss is normalised)."""
+        return False
+
+    def regularizer_term(self, cfg: AdapterConfig, options: dict[str, Any], trainable: Vars, extras: Vars
+                         ) -> tuple[jax.Array, jax.Array | float]:
+        """(term, weight) of one adapted module in one layer (the core maps it over the layer axis and drops
+        layers outside layers_to_transform). The adapter's R is sum(term) / sum(weight) with reduction 'mean',
+        sum(term) with 'sum'."""
+        raise NotImplementedError
+
+    def regularizer_reduction(self, cfg: AdapterConfig) -> str:
+        """'sum' or 'mean' (see regularizer_term)."""
+        return "sum"
+
+    def regularizer_placement(self, cfg: AdapterConfig) -> str:
+        """'loss': R is added to the loss (its gradient goes through clipping with the task gradient);
+        'post_clip': R's gradient, times post_clip_scale, is added to the task gradient after clipping and
+        before the optimizer's update (SORSA)."""
+        return "loss"
+
+    def post_clip_scale(self, cfg: AdapterConfig, peak_lr: float) -> float:
+        """The factor on grad R for 'post_clip' placement, given the configured peak learning rate."""
+        return 1.0
+
     def count(self, cfg: AdapterConfig, site: Any, node: Vars) -> int:
         """Trainable parameters of one site (all its layers), excluding padding; default: the selected layers."""
         import numpy as np

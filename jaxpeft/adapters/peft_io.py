@@ -38,6 +38,7 @@ _FILE_KEYS = {
     "dora": (("lora_A.weight", "lora_A", "T"), ("lora_B.weight", "lora_B", "T"),
              ("lora_magnitude_vector", "lora_magnitude_vector", "v")),
     "ia3": (("ia3_l", "ia3_l", "ia3"),),
+    "kasa": (("lora_A.weight", "lora_A", "T"), ("lora_B.weight", "lora_B", "T"), ("lora_diag", "lora_diag", "v")),
 }
 
 
@@ -74,6 +75,12 @@ def peft_unsupported_reason(model: AdaptedModel, name: str) -> str | None:
         return f"method {cfg.method!r} has no Hugging Face PEFT format"
     if model.model_cfg is None:
         return "the model is not a jaxpeft backbone (PEFT keys come from its Hugging Face module names)"
+    if cfg.method == "kasa":
+        if cfg.truncation != "hf":
+            return ("KaSA truncation 'official' (K = n_in - r): PEFT recomputes the truncation on load with its own "
+                    "rule (K = min(n_in, n_out) - r), which would change the base")
+        if model.model_cfg.arch == "gpt2":
+            return "PEFT rejects KaSA on GPT-2's Conv1D layers (fan_in_fan_out)"
     if cfg.method == "prefix":
         if cfg.position_offset != "l":
             return "position_offset=0: PEFT always shifts positions by the prefix length"
@@ -167,11 +174,14 @@ def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: st
         "layers_pattern": None,
         "fan_in_fan_out": model.model_cfg.arch == "gpt2",
     }
-    if cfg.method in ("lora", "dora"):
-        return {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
-                "lora_dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora, "use_dora": cfg.method == "dora",
-                "init_lora_weights": cfg.init_lora_weights, "bias": "none", "lora_bias": False,
-                "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern)}
+    if cfg.method in ("lora", "dora", "kasa"):
+        out = {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+               "lora_dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora, "use_dora": cfg.method == "dora",
+               "init_lora_weights": cfg.init_lora_weights, "bias": "none", "lora_bias": False,
+               "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern)}
+        if cfg.method == "kasa":  # PEFT recomputes the (hf-rule) truncation of the original base when it loads
+            out["kasa_config"] = {"beta": cfg.beta, "gamma": cfg.gamma}
+        return out
     if cfg.method == "ia3":
         ff = cfg.feedforward_modules if cfg.feedforward_modules is not None else method.default_feedforward(
             model.model_cfg.arch)
@@ -208,7 +218,7 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         raise NotImplementedError(f"layers_pattern={d['layers_pattern']!r} is not supported; layers are indexed "
                                   "by the architecture's name map")
     if peft_type == "LORA":
-        for key, default in (("lora_bias", False), ("bias", "none"), ("kasa_config", None), ("corda_config", None),
+        for key, default in (("lora_bias", False), ("bias", "none"), ("corda_config", None),
                              ("eva_config", None), ("loftq_config", {}), ("use_qalora", False)):
             if d.get(key, default) not in (default, None, {}, False, "none"):
                 raise NotImplementedError(f"adapter_config.json {key}={d[key]!r} is not supported yet")
@@ -217,6 +227,13 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         kw = dict(common, r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
                   use_rslora=d.get("use_rslora", False), init_lora_weights=init,
                   rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {})
+        if d.get("kasa_config"):
+            from jaxpeft.adapters.kasa import KasaConfig
+
+            if d.get("use_dora"):
+                raise NotImplementedError("adapter_config.json sets both kasa_config and use_dora: not a PEFT combination")
+            kasa = d["kasa_config"]
+            return KasaConfig(**kw, beta=kasa.get("beta", 1e-4), gamma=kasa.get("gamma", 1e-3), preset="kasa_hf")
         if d.get("use_dora"):
             from jaxpeft.adapters.dora import DoraConfig
 

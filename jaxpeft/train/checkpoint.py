@@ -284,8 +284,11 @@ class RunCheckpointer:
 
     # ---------------------------------------------------------------- save
 
-    def save(self, step: int, trainable: Any, opt_state: Any, meta: dict, metrics: dict | None = None) -> None:
-        """Write checkpoint ``step`` (trainable pytree, optax state, JSON-able ``meta``, optional ``metrics``).
+    def save(self, step: int, trainable: Any, opt_state: Any, meta: dict, metrics: dict | None = None,
+             extras: Any = None) -> None:
+        """Write checkpoint ``step`` (trainable pytree, optax state, JSON-able ``meta``, optional ``metrics``,
+        optional frozen ``extras``: the adapters' derived tensors such as SVD factors, saved so that a resume
+        never depends on recomputing them, which can differ across BLAS builds and thread counts).
 
         ``step`` must be greater than every step already saved in this directory. ``meta`` is stored as JSON
         together with the base fingerprint (``meta["base_fingerprint"]`` on restore; a caller-supplied value
@@ -337,11 +340,11 @@ class RunCheckpointer:
             "trainable_digest": fingerprint(trainable),
             "opt_state_digest": fingerprint(opt_state),
         }
-        args = ocp.args.Composite(
-            trainable=ocp.args.StandardSave(trainable),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(record),
-        )
+        items = {"trainable": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state)}
+        if extras is not None and jax.tree.leaves(extras):
+            record["extras_spec"], record["extras_digest"] = _tree_spec(extras), fingerprint(extras)
+            items["extras"] = ocp.args.StandardSave(extras)
+        args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(record))
         # force=True: our own monotonic-step check above replaces Orbax's save-decision policy, whose
         # silent `return False` would otherwise drop a save without an error.
         saved = self._mngr.save(step, args=args, metrics=orbax_metrics, force=True)
@@ -479,6 +482,15 @@ class RunCheckpointer:
         """
         out, meta = self._restore(step, {"trainable": trainable_like, "opt_state": opt_state_like})
         return out["trainable"], out["opt_state"], meta
+
+    def restore_extras(self, step: int | None = None, *, extras_like: Any) -> Any | None:
+        """The frozen extras saved with ``step`` (None = latest), or None when that checkpoint holds none (saved
+        without them, or the adapters have none). Same checks as restore."""
+        resolved = self._resolve_step(step)
+        if "extras_spec" not in self._read_record(resolved):
+            return None
+        out, _ = self._restore(resolved, {"extras": extras_like})
+        return out["extras"]
 
     def restore_trainable(self, step: int | None = None, *, trainable_like: Any) -> tuple[Any, dict]:
         """Load only ``(trainable, meta)`` of ``step`` (None = latest) for eval/export; same checks as restore."""

@@ -19,8 +19,12 @@ from jaxpeft.train.config import OptimSection
 from jaxpeft.train.tasks import Task
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
-    """Warmup + constant/linear/cosine schedule; AdamW or Adafactor; global-norm clipping first."""
+def make_optimizer(cfg: OptimSection, total_steps: int, post_clip: bool = False) -> optax.GradientTransformation:
+    """Warmup + constant/linear/cosine schedule; AdamW or Adafactor; global-norm clipping first.
+
+    post_clip: the update also takes `post_clip_grads=` (a tree like the params), added to the gradient after
+    clipping and before the optimizer (SORSA's regulariser); the optimizer state then has one more (empty) entry.
+    """
     warm = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warm, 1)
     if cfg.schedule == "constant":
@@ -34,7 +38,24 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransfo
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
     else:
         opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+    parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []) + (
+        [add_post_clip_grads()] if post_clip else []) + [opt]
+    return optax.chain(*parts) if len(parts) > 1 else opt
+
+
+def add_post_clip_grads() -> optax.GradientTransformationExtraArgs:
+    """Adds the `post_clip_grads` extra argument of `update` to the incoming updates (no state)."""
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, post_clip_grads=None, **extra_args):
+        del params, extra_args
+        if post_clip_grads is not None:
+            updates = jax.tree.map(jnp.add, updates, post_clip_grads)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def dropout_key(seed: int, step: jax.Array, micro: jax.Array) -> jax.Array:
@@ -43,18 +64,29 @@ def dropout_key(seed: int, step: jax.Array, micro: jax.Array) -> jax.Array:
 
 
 def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransformation, grad_accum: int,
-                    seed: int) -> Callable:
-    """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, loss).
+                    seed: int, peak_lr: float | None = None) -> Callable:
+    """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, terms).
 
-    The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the gradient is the
-    token-weighted mean over all of them, equal to one big batch's. Only `trainable` is differentiated.
-    A non-finite loss or gradient returns the inputs unchanged and loss = NaN.
+    The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the task gradient is the
+    token-weighted mean over all of them, equal to one big batch's. The adapters' method regularisers R
+    (`AdaptedModel.regularizer`) are added once per optimizer step, after that normalisation: to the loss and
+    its gradient (placement 'loss'), or as post_clip_scale(peak_lr) * grad R after clipping (placement
+    'post_clip': tx must come from make_optimizer(..., post_clip=True)). Only `trainable` is differentiated.
+    terms: {'loss': task loss + R, 'task_loss', 'regularizer'} (and 'post_clip_regularizer', unscaled, when
+    there is one), float32 scalars. A non-finite loss or gradient returns the inputs unchanged and loss = NaN.
     """
+    post_clip = model.has_regularizer("post_clip")
+    if post_clip and peak_lr is None:
+        raise ValueError("a post_clip regulariser (e.g. SORSA) scales its gradient by gamma / peak lr: pass peak_lr")
+
     def loss_fn(trainable, frozen, extras, mb, rng):
         state = {"trainable": trainable, "extras": extras}
         out = model.apply(frozen, state, mb["input_ids"], mb["attention_mask"], deterministic=False,
                           rngs={"dropout": rng}, **task.model_inputs(mb))
         return task.loss(out, mb)
+
+    def reg_fn(trainable, extras, placement, lr):
+        return model.regularizer({"trainable": trainable, "extras": extras}, placement=placement, peak_lr=lr)
 
     def step_fn(trainable, opt_state, frozen, extras, batch, step):
         micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
@@ -70,16 +102,32 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         (grads, total, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        loss = total / count
+        task_loss = total / count
+        terms = {"task_loss": task_loss, "regularizer": jnp.zeros((), jnp.float32)}
+        if model.has_regularizer("loss"):
+            reg, reg_grads = jax.value_and_grad(reg_fn)(trainable, extras, "loss", None)
+            grads = jax.tree.map(jnp.add, grads, reg_grads)
+            terms["regularizer"] = reg
+        loss = task_loss + terms["regularizer"]
+        extra_args = {}
+        if post_clip:
+            terms["post_clip_regularizer"] = reg_fn(trainable, extras, "post_clip", 1.0)
+            extra_args["post_clip_grads"] = jax.grad(reg_fn)(trainable, extras, "post_clip", peak_lr)
         # a non-finite loss or gradient leaves the state untouched (and is reported as a NaN loss), so no
         # NaN ever reaches the weights, the optimizer state or a checkpoint
         ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra_args)
         new_trainable = optax.apply_updates(trainable, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), jnp.where(ok, loss, jnp.nan)
+        terms["loss"] = jnp.where(ok, loss, jnp.nan)
+        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), terms
 
     return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+def make_regularizer(model: AdaptedModel) -> Callable:
+    """reg(trainable, extras) -> the adapters' 'loss' regulariser R (float32 scalar), jitted (evaluation logs it)."""
+    return jax.jit(lambda trainable, extras: model.regularizer({"trainable": trainable, "extras": extras}))
 
 
 def make_eval_loss(model: AdaptedModel, task: Task) -> Callable:

@@ -22,7 +22,8 @@ from jaxpeft.adapters.partition import trainable_parameters_line
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
-from jaxpeft.train.loop import generate_with_adapter, iterate_losses, make_eval_loss, make_optimizer, make_train_step
+from jaxpeft.train.loop import (generate_with_adapter, iterate_losses, make_eval_loss, make_optimizer, make_regularizer,
+                                make_train_step)
 from jaxpeft.train.probes import gate_report, has_gates
 from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
 
@@ -58,6 +59,7 @@ class _Context:
     eval_rows: list[dict[str, Any]]
     eval_examples: list[dict[str, Any]]
     eval_loss_fn: Any = None
+    reg_fn: Any = None
 
 
 def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
@@ -89,6 +91,7 @@ def _context(cfg: RunConfig) -> _Context:
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows))
     ctx.eval_loss_fn = make_eval_loss(model, task)
+    ctx.reg_fn = make_regularizer(model) if model.has_regularizer("loss") else None
     return ctx
 
 
@@ -129,6 +132,8 @@ def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
                 preds.append(p)
                 gold.append(g)
     result = {"eval_loss": total / max(count, 1.0)}
+    if ctx.reg_fn is not None:  # the method's R at these weights, beside the task loss
+        result["eval_regularizer"] = float(ctx.reg_fn(trainable, extras))
     if cfg.model.task == "seq_cls":
         result.update(M.compute(task.metrics, preds=preds, labels=gold))
     elif cfg.model.task == "token_cls":
@@ -200,7 +205,7 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     train_examples = encode_rows(ctx.task, train_rows)
     pad = ctx.pretrained.tokenizer.pad_token_id or 0
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.data.buckets, pad, cfg.train.seed)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, post_clip=ctx.model.has_regularizer("post_clip"))
     trainable = ctx.state["trainable"]
     opt_state = tx.init(trainable)
     ckpt = RunCheckpointer(out / "checkpoints", keep_last=cfg.train.keep_last, best_metric=cfg.train.best_metric,
@@ -212,6 +217,9 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
                           f"{ckpt.latest_step()}): choose a new train.output_dir, delete that folder, or resume")
     if cfg.train.resume and ckpt.latest_step() is not None:
         trainable, opt_state, meta = ckpt.restore(trainable_like=trainable, opt_state_like=opt_state)
+        saved_extras = ckpt.restore_extras(meta["step"], extras_like=ctx.state["extras"])
+        if saved_extras is not None:  # the frozen SVD factors etc. as trained with, not recomputed
+            ctx.state["extras"] = saved_extras
         start, epoch, index = meta["step"], meta["epoch"], meta["index"]
         result.metrics_before = meta.get("metrics_before", {})
         say(f"resumed from step {start} ({out / 'checkpoints'})")
@@ -220,17 +228,18 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
         result.metrics_before = _evaluate(ctx, trainable)
         logger.log(0, result.metrics_before, split="eval")
         say(f"before training: {_fmt(result.metrics_before)}")
-    step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed)
+    step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed, peak_lr=cfg.optim.lr)
     extras = ctx.state["extras"]
     last_eval: dict[str, float] = {}
+    has_reg = ctx.model.has_regularizer("loss") or ctx.model.has_regularizer("post_clip")
     batches = batcher.iterate(epoch, index)
     t0, tokens = time.perf_counter(), 0
     step = start
     try:
         for step in range(start, cfg.train.steps):
             epoch, index, batch = next(batches)
-            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, extras, batch, np.int32(step))
-            loss = float(loss)
+            trainable, opt_state, terms = step_fn(trainable, opt_state, frozen, extras, batch, np.int32(step))
+            loss = float(terms["loss"])
             if not math.isfinite(loss):
                 # checkpoint s holds the weights the loss at loop step s was computed with: those before
                 # `step` gave finite losses, the one at `step` (if saved) did not
@@ -244,7 +253,10 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
             result.train_losses.append((step + 1, loss))
             logger.progress(step + 1, loss, int(batch["attention_mask"].sum()))
             if (step + 1) % cfg.train.log_every == 0:
-                logger.log(step + 1, {"loss": loss, "tokens_per_s": tokens / (time.perf_counter() - t0)})
+                logged = {"loss": loss}
+                if has_reg:  # task loss and regulariser separately
+                    logged.update({k: float(v) for k, v in terms.items() if k != "loss"})
+                logger.log(step + 1, {**logged, "tokens_per_s": tokens / (time.perf_counter() - t0)})
             done = step + 1 == cfg.train.steps
             metrics = None
             if (step + 1) % cfg.train.eval_every == 0 or done:
@@ -255,7 +267,7 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
                 ckpt.save(step + 1, trainable, opt_state,
                           meta={"step": step + 1, "epoch": nxt_epoch, "index": nxt_index, "seed": cfg.train.seed,
                                 "metrics_before": result.metrics_before},
-                          metrics=metrics)
+                          metrics=metrics, extras=extras)
     finally:
         ckpt.wait()
         logger.close()
@@ -290,30 +302,35 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
         ctx.model, ctx.state = model, state
         ctx.eval_loss_fn = make_eval_loss(model, ctx.task)
         trainable = state["trainable"]
+        ctx.reg_fn = make_regularizer(model) if model.has_regularizer("loss") else None
     else:
-        from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
-
-        ckpt = RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
-                               best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
-                               base_fingerprint=fingerprint(ctx.pretrained.params))
-        trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
-        ckpt.close()
+        trainable = _restore_checkpoint(ctx, step)
     return _evaluate(ctx, trainable)
+
+
+def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
+    """The trainable tree of a run checkpoint (default latest); its saved frozen extras replace ctx.state's."""
+    from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
+
+    cfg = ctx.cfg
+    with RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
+                         best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
+                         base_fingerprint=fingerprint(ctx.pretrained.params)) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
+        extras = ckpt.restore_extras(step, extras_like=ctx.state["extras"])
+    if extras is not None:
+        ctx.state["extras"] = extras
+    return trainable
 
 
 def export_checkpoint(config: RunConfig | str | dict, out_dir: str, *, step: int | None = None,
                       overrides: tuple[str, ...] | list[str] = ()) -> Path:
     """Write a run checkpoint (default latest) as an adapter folder: HF PEFT format when PEFT can hold the method,
     else the jaxpeft format."""
-    from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
-
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     ctx = _context(cfg)
-    ckpt = RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
-                           best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
-                           base_fingerprint=fingerprint(ctx.pretrained.params))
-    trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
-    ckpt.close()
+    trainable = _restore_checkpoint(ctx, step)
     return save_any(ctx.model, {"trainable": trainable, "extras": ctx.state["extras"]}, ADAPTER_NAME, out_dir,
                     base_model_name_or_path=cfg.model.checkpoint)[0]
 

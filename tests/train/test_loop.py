@@ -48,7 +48,12 @@ def train_step(model, task, tx, grad_accum: int, seed: int):
     key = (model, id(task), id(tx), grad_accum, seed)
     if key not in _STEPS:
         _STEPS[key] = make_train_step(model, task, tx, grad_accum, seed)
-    return _STEPS[key]
+    fn = _STEPS[key]
+
+    def step(*args):  # (trainable, opt_state, total loss): these tests need no separate loss terms
+        trainable, opt_state, terms = fn(*args)
+        return trainable, opt_state, terms["loss"]
+    return step
 
 
 def copy(tree):
@@ -226,8 +231,8 @@ def test_adafactor_trains(nodrop):
     params, opt_state = copy(trainable), tx.init(trainable)
     losses = []
     for s in range(6):
-        params, opt_state, loss = step(params, opt_state, frozen, extras, batch, np.int32(s))
-        losses.append(float(loss))
+        params, opt_state, terms = step(params, opt_state, frozen, extras, batch, np.int32(s))
+        losses.append(float(terms["loss"]))
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 1e-3, losses
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
@@ -247,3 +252,55 @@ def test_remat_gives_the_same_loss_and_update(tiny_llama_dir, withdrop, remat, s
                                                              rextras, batch, np.int32(3))
     assert abs(float(loss) - float(rloss)) < 1e-6
     assert max_diff(new, rnew) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ method regularisers
+
+def _kasa_setup(tiny_llama_dir):
+    from jaxpeft.adapters import KasaConfig
+
+    pre = jaxpeft.load_pretrained(tiny_llama_dir, attention_dropout=0.0)
+    model = AdaptedModel.wrap(pre.module).add("default", KasaConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, beta=0.05, gamma=0.2, target_modules=("q_proj", "v_proj")))
+    state = model.init(jax.random.key(0), pre.params)
+    cfg = load_config({"model": {"checkpoint": str(tiny_llama_dir)},
+                       "data": {"path": "unused", "max_length": 32, "buckets": [32]}})
+    task = make_task(cfg, pre.tokenizer, None)
+    batch = collate(encode_rows(task, ROWS), (32,), pre.tokenizer.pad_token_id)
+    return model, task, state["trainable"], state["extras"], pre.params, batch
+
+
+def _reference_kasa_r(trainable, beta, gamma):
+    """KaSA's R (paper_rxr, sum) written out from the stacked leaves, independently of AdaptedModel.regularizer."""
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        if jax.tree_util.keystr(path).endswith("['lora_A']"):
+            parent = trainable
+            for k in path[:-1]:
+                parent = parent[k.key]
+            for a, b, d in zip(parent["lora_A"], parent["lora_B"], parent["lora_diag"]):  # per layer
+                r = a.shape[1]
+                total = total + beta * jnp.sum(d ** 2) + gamma * (
+                    jnp.linalg.norm(a.T @ a - jnp.eye(r)) + jnp.linalg.norm(b @ b.T - jnp.eye(r)))
+    return total
+
+
+def test_regularizer_is_added_once_per_step_after_normalisation(tiny_llama_dir):
+    """grad_accum 2 with micro-batches of different token counts: the logged loss is the token-weighted task loss
+    of the whole batch plus R (not R per micro-batch), and the SGD update is minus grad(task + R)."""
+    model, task, trainable, extras, frozen, batch = _kasa_setup(tiny_llama_dir)
+
+    def reference(p):
+        out = model.apply(frozen, {"trainable": p, "extras": extras}, batch["input_ids"], batch["attention_mask"])
+        s, n = task.loss(out, batch)
+        return s / n, _reference_kasa_r(p, 0.05, 0.2)
+
+    (ref_task, ref_r) = reference(trainable)
+    ref_grads = jax.grad(lambda p: sum(reference(p)))(trainable)
+    step = make_train_step(model, task, TX, 2, seed=0)
+    new, _, terms = step(copy(trainable), TX.init(trainable), frozen, extras, batch, np.int32(0))
+    assert float(ref_r) > 0.1  # a visible term: adding it once vs twice vs scaled would show
+    assert abs(float(terms["task_loss"]) - float(ref_task)) < 1e-5
+    assert abs(float(terms["regularizer"]) - float(ref_r)) < 1e-5 * float(ref_r)
+    assert abs(float(terms["loss"]) - float(ref_task + ref_r)) < 1e-5
+    assert max_diff(jax.tree.map(lambda a, b: a - b, trainable, new), ref_grads) < 1e-5

@@ -254,10 +254,10 @@ def _patch_loss_at(monkeypatch, nan_from_step: int | None = None, nan_grads: boo
             step_fn = orig_make(*a, **k)
 
             def wrapped(trainable, opt_state, frozen, extras, batch, step):
-                trainable, opt_state, loss_value = step_fn(trainable, opt_state, frozen, extras, batch, step)
+                trainable, opt_state, terms = step_fn(trainable, opt_state, frozen, extras, batch, step)
                 if int(step) >= nan_from_step:
-                    loss_value = loss_value * float("nan")
-                return trainable, opt_state, loss_value
+                    terms = dict(terms, loss=terms["loss"] * float("nan"))
+                return trainable, opt_state, terms
             return wrapped
 
         import jaxpeft.train.runner as run_mod
