@@ -49,6 +49,10 @@ def extras_collection(name: str) -> str:
     return f"adapter_extras:{name}"
 
 
+def calibration_collection(name: str) -> str:
+    return f"calibration:{name}"
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One named adapter: its config and the modules it adapts (resolved once, static)."""
@@ -160,28 +164,39 @@ class AdaptedModel:
         return dataclasses.replace(self, adapters=tuple(s for s in self.adapters if s.name != name))
 
     # ---- init ----------------------------------------------------------------------------------------
-    def init(self, rng: jax.Array, frozen: Mapping[str, Any], names: Sequence[str] | None = None) -> AdapterState:
-        """Create the adapters' variables from the frozen base (methods may read W0, e.g. DoRA, SVD inits)."""
+    def init(self, rng: jax.Array, frozen: Mapping[str, Any], names: Sequence[str] | None = None, *,
+             calibration: Mapping[str, Any] | None = None) -> AdapterState:
+        """Create the adapters' variables from the frozen base (methods may read W0, e.g. DoRA, SVD inits).
+
+        calibration: {adapter name: the tree `calibrate` returned}, for methods that need input statistics (CorDA).
+        """
         specs = [s for s in self.adapters if names is None or s.name in names]
         if not specs:
             raise ValueError("no adapter to initialise: add one with AdaptedModel.add(name, config)")
         site_specs = [s for s in specs if s.sites]
         cols = [c for s in site_specs for c in (trainable_collection(s.name), extras_collection(s.name))]
+        calib = {calibration_collection(n): v for n, v in (calibration or {}).items()}
+        for s in site_specs:
+            if getattr(method_for(s.config), "needs_calibration", False) and calibration_collection(s.name) not in calib:
+                raise ValueError(f"adapter {s.name!r} ({s.config.method}) needs calibration statistics: "
+                                 f"stats = model.calibrate(frozen, examples, {s.name!r}), then "
+                                 f"model.init(rng, frozen, calibration={{{s.name!r}: stats}})")
 
-        def run(frozen, rng):
+        def run(frozen, rng, calib):
             if not site_specs:
                 return {}
             icpt = _Interceptor(site_specs, None, None, deterministic=True, init_mode=True)
             with nn.intercept_methods(icpt):
                 inputs = [jnp.zeros(shape, dtype) for shape, dtype in self.init_inputs]
-                _, variables = self.module.apply({"params": frozen}, *inputs, mutable=cols, rngs={"adapter": rng})
+                _, variables = self.module.apply({"params": frozen, **calib}, *inputs, mutable=cols,
+                                                 rngs={"adapter": rng})
             return variables
 
         key = (self, tuple(s.name for s in specs))
         if key not in _INIT_CACHE:  # one compile per adapter set, not per call
             _INIT_CACHE[key] = jax.jit(run)
         site_rng, shared_rng = jax.random.split(rng)
-        variables = _INIT_CACHE[key](frozen, site_rng)
+        variables = _INIT_CACHE[key](frozen, site_rng, calib)
         state: AdapterState = {"trainable": {}, "extras": {}}
         for k, s in enumerate(specs):
             method = method_for(s.config)
@@ -198,6 +213,49 @@ class AdaptedModel:
                                           "shared": _to_dict(shared), "saved": saved}
             state["extras"][s.name] = {"modules": extras, "shared": _to_dict(shared_extras)}
         return state
+
+    def calibrate(self, frozen: Mapping[str, Any], examples: Sequence[Any], name: str) -> dict[str, Any]:
+        """Input statistics of adapter `name`'s targeted layers for methods that need them at init (CorDA):
+        {flax module path: {stat: (L, ...)}}, the mean over forwards of `method.calibration_stats`.
+
+        examples: token-id sequences (or (1, T) arrays), run one per forward without padding, as PEFT does; each
+        distinct length compiles once. Pass the result to `init(..., calibration={name: stats})`.
+        """
+        spec = self.spec(name)
+        method = method_for(spec.config)
+        if not getattr(method, "needs_calibration", False):
+            raise ValueError(f"adapter {name!r} ({spec.config.method}) takes no calibration statistics")
+        if not examples:
+            raise ValueError(f"calibrate: no examples for adapter {name!r}; pass at least one token sequence")
+        col = calibration_collection(name)
+
+        def run(frozen, ids):
+            with nn.intercept_methods(_Calibrator(spec)):
+                _, variables = self.module.apply({"params": frozen}, ids, jnp.ones_like(ids), mutable=[col])
+            return variables[col]
+
+        key = (self, name, "calibrate")
+        if key not in _INIT_CACHE:
+            _INIT_CACHE[key] = jax.jit(run)
+        total = None
+        for ex in examples:
+            ids = jnp.asarray(ex, jnp.int32)
+            if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
+                raise ValueError(f"calibrate: an example of shape {ids.shape}; calibration takes one unpadded example "
+                                 "per forward (a token sequence or a (1, T) array), as PEFT does")
+            ids = ids.reshape(1, -1)
+            stats = _INIT_CACHE[key](frozen, ids)
+            total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        return _to_dict(jax.tree.map(lambda x: x / len(examples), total))
+
+    def placeholder_calibration(self, name: str) -> dict[str, Any] | None:
+        """Calibration statistics of the right shapes for adapter `name` (None when it needs none): init with them
+        builds the structure that a saved adapter's arrays then overwrite (loading never re-calibrates)."""
+        spec = self.spec(name)
+        method = method_for(spec.config)
+        if not getattr(method, "needs_calibration", False):
+            return None
+        return merge_paths({}, {t.flax_module: method.calibration_placeholder(t) for t in spec.targets})
 
     # ---- apply ---------------------------------------------------------------------------------------
     def apply(self, frozen: Mapping[str, Any], state: AdapterState | None, *args: Any,
@@ -415,7 +473,10 @@ class _Interceptor:
             col, xcol = trainable_collection(spec.name), extras_collection(spec.name)
             options = target.options
             if self.init_mode:
-                trainable, extras = method.init(spec.config, options, kernel, bias, m.make_rng("adapter"))
+                extra = {}
+                if getattr(method, "needs_calibration", False):
+                    extra["calibration"] = dict(m.variables.get(calibration_collection(spec.name), {}))
+                trainable, extras = method.init(spec.config, options, kernel, bias, m.make_rng("adapter"), **extra)
                 extras = dict(extras, layer_mask=jnp.ones((), jnp.float32),
                               scale=jnp.asarray(method.scale(spec.config, options), jnp.float32))
                 for key, v in trainable.items():
@@ -465,6 +526,23 @@ class _Interceptor:
         return Prefix(jnp.concatenate([q.k_blhd for q in parts], axis=1),
                       jnp.concatenate([q.v_blhd.astype(parts[0].v_blhd.dtype) for q in parts], axis=1),
                       jnp.concatenate([q.mask_bl for q in parts], axis=1))
+
+
+class _Calibrator:
+    """Records `method.calibration_stats` of the inputs of every dense layer adapter `spec` targets (per layer under
+    scan, into the 'calibration:<name>' collection) and runs the base layer unchanged."""
+
+    def __init__(self, spec: AdapterSpec):
+        self.spec = spec
+        self.paths = {t.flax_module for t in spec.targets}
+
+    def __call__(self, next_fun, args, kwargs, context):
+        m = context.module
+        if (context.method_name == "__call__" and isinstance(m, (Dense, nn.Dense))
+                and "/".join(m.path) in self.paths):
+            for key, value in method_for(self.spec.config).calibration_stats(args[0]).items():
+                m.put_variable(calibration_collection(self.spec.name), key, value)
+        return next_fun(*args, **kwargs)
 
 
 def _dense(m: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:

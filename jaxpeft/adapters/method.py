@@ -90,6 +90,19 @@ class DenseMethod(Method):
     """
 
     kind = "dense"
+    needs_calibration: ClassVar[bool] = False
+    """True: `init` takes `calibration=` (this layer's statistics from `AdaptedModel.calibrate`, e.g. CorDA's input
+    covariance) and the adapter cannot be created without them."""
+
+    def calibration_stats(self, x: jax.Array) -> Vars:
+        """Statistics of one forward's inputs x (1, T, n_in) to one module; `AdaptedModel.calibrate` averages them
+        over the forwards."""
+        raise NotImplementedError
+
+    def calibration_placeholder(self, site: Any) -> Vars:
+        """Statistics of the right shapes ((L, ...) for a layered site) that let `init` build the adapter's
+        structure when its values are loaded from a file afterwards."""
+        raise NotImplementedError
 
     def default_targets(self, arch: str) -> tuple[str, ...]:
         raise NotImplementedError

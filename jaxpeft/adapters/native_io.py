@@ -132,7 +132,9 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
                               f"{model.task!r}")
     config = config_from_dict(str(meta.get("method", "")), meta.get("config"))
     model = model.add(name, config)
-    state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
+    placeholder = model.placeholder_calibration(name)  # the saved extras replace what these would give
+    state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name],
+                       calibration=None if placeholder is None else {name: placeholder})
     _, template = state_arrays(model, state, name, fold=False)
     missing = sorted(set(template) - set(tensors))
     unexpected = sorted(set(tensors) - set(template))

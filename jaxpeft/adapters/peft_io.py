@@ -71,8 +71,12 @@ def peft_unsupported_reason(model: AdaptedModel, name: str) -> str | None:
     spec = model.spec(name)
     cfg = spec.config
     method = method_for(cfg)
-    if not method.has_peft_format or (cfg.method not in _FILE_KEYS and cfg.method != "prefix"):
+    lora_form = hasattr(method, "lora_equivalent")
+    if not method.has_peft_format or (cfg.method not in _FILE_KEYS and cfg.method != "prefix" and not lora_form):
         return f"method {cfg.method!r} has no Hugging Face PEFT format"
+    if lora_form and (cfg.rank_pattern or cfg.alpha_pattern):
+        return (f"{cfg.method} is written as a rank-2r LoRA on the original base, which is implemented for one rank "
+                "and alpha per adapter: drop rank_pattern / alpha_pattern")
     if model.model_cfg is None:
         return "the model is not a jaxpeft backbone (PEFT keys come from its Hugging Face module names)"
     if cfg.method == "kasa":
@@ -125,10 +129,13 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
             for key, value in params_to_hf(model.model_cfg, model.task, saved).items():
                 out[PROMPT_PREFIX + _hf_module_path(model, key)] = value
         return out
+    method = method_for(spec.config)
     keys = _FILE_KEYS.get(spec.config.method)
+    dense = state["trainable"][name]["modules"]
+    if hasattr(method, "lora_equivalent"):
+        dense, keys = _lora_equivalent_tree(model, state, name), _FILE_KEYS["lora"]
     if keys is None:
         raise NotImplementedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
-    dense = state["trainable"][name]["modules"]
     out = {}
     for t in spec.targets:
         node = _get(dense, t.flax_module)
@@ -144,6 +151,24 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
 
         for key, value in params_to_hf(model.model_cfg, model.task, saved).items():
             out[PREFIX + _hf_module_path(model, key)] = value
+    return out
+
+
+def _lora_equivalent_tree(model: AdaptedModel, state: AdapterState, name: str) -> dict[str, Any]:
+    """{flax module path...: {'lora_A' (L, n_in, 2r), 'lora_B' (L, 2r, n_out)}} of a residual method (PiSSA, CorDA,
+    SORSA): the same change to the ORIGINAL base as a plain LoRA of rank 2r with the same scale."""
+    spec = model.spec(name)
+    method = method_for(spec.config)
+    out: dict[str, Any] = {}
+    for t in spec.targets:
+        tr = _get(state["trainable"][name]["modules"], t.flax_module)
+        ex = _get(state["extras"][name]["modules"], t.flax_module)
+        fn = lambda tr_, ex_: method.lora_equivalent(spec.config, tr_, ex_)  # noqa: E731
+        a, b = jax.vmap(fn)(dict(tr), dict(ex)) if t.layered else fn(dict(tr), dict(ex))
+        node = out
+        for part in t.flax_module.split("/"):
+            node = node.setdefault(part, {})
+        node.update(lora_A=a, lora_B=b)
     return out
 
 
@@ -174,6 +199,12 @@ def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: st
         "layers_pattern": None,
         "fan_in_fan_out": model.model_cfg.arch == "gpt2",
     }
+    if hasattr(method, "lora_equivalent"):  # PiSSA, CorDA, SORSA: A B - L0 R0 as a plain rank-2r LoRA on W0
+        scale = method.scale(cfg, {})
+        return {**common, "peft_type": "LORA", "r": 2 * cfg.r, "lora_alpha": scale * 2 * cfg.r,
+                "lora_dropout": cfg.lora_dropout, "use_rslora": False, "use_dora": False,
+                "init_lora_weights": True, "bias": "none", "lora_bias": False, "rank_pattern": {},
+                "alpha_pattern": {}}
     if cfg.method in ("lora", "dora", "kasa"):
         out = {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
                "lora_dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora, "use_dora": cfg.method == "dora",

@@ -72,7 +72,9 @@ def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
     return None
 
 
-def _context(cfg: RunConfig) -> _Context:
+def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
+    """calibrate: methods that need input statistics at init (CorDA) gather them on the first training examples;
+    otherwise they get placeholders, which the caller overwrites from a checkpoint's saved extras."""
     from jaxpeft.loading.pretrained import load_pretrained
 
     labels = _labels(cfg)
@@ -87,12 +89,28 @@ def _context(cfg: RunConfig) -> _Context:
     except ValueError as e:  # targets that match nothing, layers out of range, a method the model cannot take
         raise ConfigError(f"adapter: {e}") from e
     _check_positions(cfg, pre.config, model)
-    state = model.init(jax.random.key(cfg.train.seed), pre.params)
+    state = model.init(jax.random.key(cfg.train.seed), pre.params,
+                       calibration=_calibration(cfg, model, pre.params, task, calibrate))
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows))
     ctx.eval_loss_fn = make_eval_loss(model, task)
     ctx.reg_fn = make_regularizer(model) if model.has_regularizer("loss") else None
     return ctx
+
+
+def _calibration(cfg: RunConfig, model: AdaptedModel, params: Any, task: Any, calibrate: bool
+                 ) -> dict[str, Any] | None:
+    """{adapter: statistics} for a method that needs calibration (None otherwise): from the first
+    `adapter.calibration_samples` training examples, unpadded, one per forward."""
+    placeholder = model.placeholder_calibration(ADAPTER_NAME)
+    if placeholder is None:
+        return None
+    if not calibrate:
+        return {ADAPTER_NAME: placeholder}
+    n = cfg.adapter_config().calibration_samples
+    rows = load_split(cfg.data, cfg.data.train_split, n)
+    seqs = [ex["input_ids"] for ex in encode_rows(task, rows)[:n]]
+    return {ADAPTER_NAME: model.calibrate(params, seqs, ADAPTER_NAME)}
 
 
 def _check_positions(cfg: RunConfig, model_cfg: Any, model: AdaptedModel) -> None:
@@ -198,7 +216,7 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     say = print if verbose else (lambda *a, **k: None)
-    ctx = _context(cfg)
+    ctx = _context(cfg, calibrate=True)
     frozen = ctx.pretrained.params
     say(trainable_parameters_line(ctx.model, ctx.state, frozen))
     train_rows = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)

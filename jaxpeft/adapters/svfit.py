@@ -1,0 +1,57 @@
+"""SVFit: only the top r singular values of W0 are trained, y = x (W_e + P_r diag(sigma') Q_r^T) + b with
+W_e = W0 - P_r diag(sigma_r) Q_r^T; sigma' starts at sigma_r, so the model starts as the base.
+
+Imports jax and sibling adapter modules only. Frozen: P_r (n_in, r), Q_r^T (r, n_out), sigma_r (r,); trainable
+sigma' (r,). The change x P_r diag(sigma' - sigma_r) Q_r^T is applied beside the base, never by rewriting W0.
+Scaling and init beyond this are unverified in the literature (secondary sources only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from jaxpeft.adapters.config import AdapterConfig
+from jaxpeft.adapters.lora import DEFAULT_TARGETS
+from jaxpeft.adapters.method import DenseMethod, register
+from jaxpeft.adapters.svd import svd_f32
+
+
+@dataclass(frozen=True)
+class SvfitConfig(AdapterConfig):
+    """r: how many of the largest singular values are trained per module (the only trainable parameters)."""
+
+    r: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "method", "svfit")
+        if self.r < 1:
+            raise ValueError(f"r={self.r}: must be >= 1")
+
+
+class Svfit(DenseMethod):
+    name = "svfit"
+    config_cls = SvfitConfig
+
+    def default_targets(self, arch):
+        return DEFAULT_TARGETS[arch]
+
+    def init(self, cfg, options, kernel, bias, rng):
+        r = options.get("r", cfg.r)
+        if r > min(kernel.shape):
+            raise ValueError(f"SVFit needs r <= min(n_in, n_out): r={r} on a {kernel.shape[0]}x{kernel.shape[1]} weight")
+        p, sigma, q = svd_f32(kernel)
+        return {"svfit_sigma": sigma[:r]}, {"svfit_P": p[:, :r], "svfit_Qt": q[:, :r].T, "svfit_sigma0": sigma[:r]}
+
+    def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
+        change = trainable["svfit_sigma"] - extras["svfit_sigma0"]
+        return ((x.astype(jnp.float32) @ extras["svfit_P"]) * change) @ extras["svfit_Qt"]
+
+    def merge(self, cfg, options, kernel, bias, trainable, extras, scale):
+        change = trainable["svfit_sigma"] - extras["svfit_sigma0"]
+        w = kernel.astype(jnp.float32) + (extras["svfit_P"] * change) @ extras["svfit_Qt"]
+        return w, None if bias is None else bias.astype(jnp.float32)
+
+
+register(Svfit())
