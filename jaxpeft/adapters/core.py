@@ -372,8 +372,8 @@ class AdaptedModel:
         reduced as its method says over the modules and selected layers it adapts.
 
         placement: 'loss' (added to the training loss) or 'post_clip' (its gradient joins the clipped task
-        gradient; the result is then scaled by each method's post_clip_scale(peak_lr)). Differentiable in
-        state['trainable'].
+        gradient; with peak_lr given, each method's R is scaled by its post_clip_scale(peak_lr), else returned as
+        is, for logging). Differentiable in state['trainable'].
         """
         total = jnp.zeros((), jnp.float32)
         for spec in self.adapters:
@@ -396,9 +396,7 @@ class AdaptedModel:
                 term, weight = jax.vmap(one)(node, xnode) if t.layered else one(node, xnode)
                 terms, weights = terms + jnp.sum(mask * term), weights + jnp.sum(mask * weight)
             r = terms / jnp.maximum(weights, 1e-12) if method.regularizer_reduction(spec.config) == "mean" else terms
-            if placement == "post_clip":
-                if peak_lr is None:
-                    raise ValueError("a post_clip regulariser needs the configured peak learning rate (peak_lr)")
+            if placement == "post_clip" and peak_lr is not None:
                 r = r * method.post_clip_scale(spec.config, peak_lr)
             total = total + r
         return total

@@ -111,7 +111,7 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         loss = task_loss + terms["regularizer"]
         extra_args = {}
         if post_clip:
-            terms["post_clip_regularizer"] = reg_fn(trainable, extras, "post_clip", 1.0)
+            terms["post_clip_regularizer"] = reg_fn(trainable, extras, "post_clip", None)
             extra_args["post_clip_grads"] = jax.grad(reg_fn)(trainable, extras, "post_clip", peak_lr)
         # a non-finite loss or gradient leaves the state untouched (and is reported as a NaN loss), so no
         # NaN ever reaches the weights, the optimizer state or a checkpoint

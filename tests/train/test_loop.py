@@ -304,3 +304,64 @@ def test_regularizer_is_added_once_per_step_after_normalisation(tiny_llama_dir):
     assert abs(float(terms["regularizer"]) - float(ref_r)) < 1e-5 * float(ref_r)
     assert abs(float(terms["loss"]) - float(ref_task + ref_r)) < 1e-5
     assert max_diff(jax.tree.map(lambda a, b: a - b, trainable, new), ref_grads) < 1e-5
+
+
+def test_sorsa_regularizer_gradient_joins_after_clipping_scaled_by_gamma_over_peak_lr(tiny_llama_dir):
+    """SORSA's placement: the optimizer sees clip(grad task) + (gamma / peak lr) grad R, where R is the mean over
+    all A and B of ||A^T A - I||_F / ||B B^T - I||_F; the logged loss is the task loss alone. Warm-up is on, so the
+    scheduled lr at step 0 is 0: the scale must use the configured peak lr."""
+    from jaxpeft.adapters import SorsaConfig
+
+    pre = jaxpeft.load_pretrained(tiny_llama_dir, attention_dropout=0.0)
+    gamma, lr = 0.02, 0.01
+    model = AdaptedModel.wrap(pre.module).add("default", SorsaConfig(r=4, gamma=gamma,
+                                                                     target_modules=("q_proj", "v_proj")))
+    state = model.init(jax.random.key(0), pre.params)
+    rng = np.random.RandomState(0)  # move A and B off orthonormality so that R and its gradient are visible
+    trainable = jax.tree.map(lambda x: x + jnp.asarray(0.3 * rng.randn(*x.shape), x.dtype), state["trainable"])
+    extras, frozen = state["extras"], pre.params
+    cfg = load_config({"model": {"checkpoint": str(tiny_llama_dir)},
+                       "data": {"path": "unused", "max_length": 32, "buckets": [32]},
+                       "optim": {"lr": lr, "warmup_steps": 2, "clip_norm": 0.05, "schedule": "constant"}})
+    task = make_task(cfg, pre.tokenizer, None)
+    batch = collate(encode_rows(task, ROWS), (32,), pre.tokenizer.pad_token_id)
+    tx = make_optimizer(cfg.optim, 10, post_clip=True)
+    step = make_train_step(model, task, tx, 2, seed=0, peak_lr=lr)
+
+    def task_loss(p):
+        out = model.apply(frozen, {"trainable": p, "extras": extras}, batch["input_ids"], batch["attention_mask"])
+        s, n = task.loss(out, batch)
+        return s / n
+
+    def reference_r(p):
+        terms = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]:
+            key = jax.tree_util.keystr(path)
+            for layer in leaf if key.endswith("['lora_A']") or key.endswith("['lora_B']") else ():
+                gram = layer.T @ layer if key.endswith("['lora_A']") else layer @ layer.T
+                terms.append(jnp.linalg.norm(gram - jnp.eye(gram.shape[0])))
+        return sum(terms) / len(terms)
+
+    g_task = jax.grad(task_loss)(trainable)
+    norm = float(optax.global_norm(g_task))
+    assert norm > 0.05  # clipping is active
+    g = jax.tree.map(lambda a, b: a * (0.05 / norm) + (gamma / lr) * b, g_task, jax.grad(reference_r)(trainable))
+    ref_tx = optax.chain(optax.clip_by_global_norm(1e9), optax.adamw(
+        optax.join_schedules([optax.linear_schedule(0.0, lr, 2), optax.constant_schedule(lr)], [2]),
+        b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=0.0))
+    params, opt_state, ref_params, ref_state = copy(trainable), tx.init(trainable), trainable, ref_tx.init(trainable)
+    for s in range(3):  # step 0 has lr 0 (warm-up); later steps move the weights
+        params, opt_state, terms = step(params, opt_state, frozen, extras, batch, np.int32(s))
+        if s == 0:
+            assert abs(float(terms["loss"]) - float(task_loss(trainable))) < 1e-5
+            assert abs(float(terms["post_clip_regularizer"]) - float(reference_r(trainable))) < 1e-5
+            updates, ref_state = ref_tx.update(g, ref_state, ref_params)
+        else:
+            gt = jax.grad(task_loss)(ref_params)
+            nt = float(optax.global_norm(gt))
+            gs = jax.tree.map(lambda a, b: a * min(1.0, 0.05 / nt) + (gamma / lr) * b, gt,
+                              jax.grad(reference_r)(ref_params))
+            updates, ref_state = ref_tx.update(gs, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+    assert max_diff(params, ref_params) < 1e-5
+    assert max_diff(params, trainable) > 1e-3
