@@ -72,3 +72,57 @@ def kill_after_commit(proc: subprocess.Popen, run_dir: Path, step: int, log: Pat
     assert proc.returncode == -signal.SIGKILL
     if (run_dir / "adapter").exists():  # pragma: no cover - the watcher lost the race against the whole run
         pytest.fail(f"run {run_dir.name} finished before it could be killed; the test needs a longer run")
+
+
+def resumed_pair(root: Path, cfg_a: Path, cfg_b: Path, env: dict, kill_at: int, timeout: float = 300) -> dict:
+    """Run B (`jaxpeft train cfg_b`) is SIGKILLed once its checkpoint `kill_at` is committed and restarted with
+    the same command; run A (cfg_a, the same config with another output_dir) runs uninterrupted beside B's second
+    attempt. Returns {'log_a', 'log_b2', 'b1_train_steps'} (the train steps B logged before the kill)."""
+    import yaml
+
+    started: list[subprocess.Popen] = []
+    run_b = Path(yaml.safe_load(Path(cfg_b).read_text())["train"]["output_dir"])
+
+    def start(args, log: str) -> subprocess.Popen:
+        started.append(popen(args, env, root / log))
+        return started[-1]
+
+    try:
+        proc_b = start(["train", cfg_b], "b1.log")
+        kill_after_commit(proc_b, run_b, kill_at, root / "b1.log", timeout)
+        b1_train_steps = sorted(train_losses(run_b))
+        proc_b2 = start(["train", cfg_b], "b2.log")
+        proc_a = start(["train", cfg_a], "a.log")
+        log_a = wait(proc_a, root / "a.log", timeout)
+        log_b2 = wait(proc_b2, root / "b2.log", timeout)
+        assert proc_a.returncode == 0, log_a[-4000:]
+        assert proc_b2.returncode == 0, log_b2[-4000:]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return dict(log_a=log_a, log_b2=log_b2, b1_train_steps=b1_train_steps)
+
+
+def assert_bit_exact_resume(run_a: Path, run_b: Path, pair: dict, steps: int, kill_at: int, every: int) -> None:
+    """B resumed from a checkpoint at or after `kill_at`, and A and B logged bit-identical train losses (also the
+    steps B logged twice) and evaluations."""
+    import math
+    import re
+
+    m = re.search(r"resumed from step (\d+)", pair["log_b2"])
+    assert m, f"the second run of B did not resume:\n{pair['log_b2'][-3000:]}"
+    resumed_from = int(m.group(1))
+    assert kill_at <= resumed_from < steps and resumed_from % every == 0
+    assert "resumed from" not in pair["log_a"]
+    assert pair["b1_train_steps"][:kill_at] == list(range(1, kill_at + 1))
+    losses_a, losses_b = train_losses(run_a), train_losses(run_b)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(1, steps + 1))
+    assert all(math.isfinite(v) for v in losses_a.values()) and len(set(losses_a.values())) > 1
+    for step in losses_a:
+        assert losses_b[step] == losses_a[step], f"step {step}: A {losses_a[step]!r} != B {losses_b[step]!r}"
+    for rec in read_metrics(run_b, raw=True):  # steps logged before the kill and again after it agree
+        if rec["split"] == "train":
+            assert rec["loss"] == losses_a[rec["step"]], rec
+    assert evals(run_b) == evals(run_a)

@@ -21,10 +21,8 @@ import io
 import json
 import math
 import random
-import re
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,6 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from jaxpeft.train.logging import read_metrics
 import train_procs as tp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -358,54 +355,16 @@ def apt_llama_resumed(tmp_path_factory, build_config, cli_env) -> dict:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
-    cfg_a, cfg_b = config("a"), config("b")
     run_a, run_b = root / "a", root / "b"
-    started: list[subprocess.Popen] = []
-
-    def start(args, log: str) -> subprocess.Popen:
-        started.append(tp.popen(args, cli_env, root / log))
-        return started[-1]
-
-    try:
-        proc_b = start(["train", cfg_b], "b1.log")
-        tp.kill_after_commit(proc_b, run_b, RESUME_KILL_AT, root / "b1.log")
-        b1_train_steps = sorted(tp.train_losses(run_b))
-
-        proc_b2 = start(["train", cfg_b], "b2.log")
-        proc_a = start(["train", cfg_a], "a.log")
-        log_a = tp.wait(proc_a, root / "a.log")
-        log_b2 = tp.wait(proc_b2, root / "b2.log")
-        assert proc_a.returncode == 0, log_a[-4000:]
-        assert proc_b2.returncode == 0, log_b2[-4000:]
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return dict(run_a=run_a, run_b=run_b, log_a=log_a, log_b2=log_b2, b1_train_steps=b1_train_steps)
+    pair = tp.resumed_pair(root, config("a"), config("b"), cli_env, RESUME_KILL_AT)
+    return dict(run_a=run_a, run_b=run_b, **pair)
 
 
 def test_apt_resume_after_sigkill_is_bit_exact(apt_llama_resumed):
     r = apt_llama_resumed
     run_a, run_b = r["run_a"], r["run_b"]
-    m = re.search(r"resumed from step (\d+)", r["log_b2"])
-    assert m, f"the second run of B did not resume:\n{r['log_b2'][-3000:]}"
-    resumed_from = int(m.group(1))
-    assert RESUME_KILL_AT <= resumed_from < RESUME_STEPS and resumed_from % RESUME_EVERY == 0
-    assert "resumed from" not in r["log_a"]
-    assert r["b1_train_steps"][:RESUME_KILL_AT] == list(range(1, RESUME_KILL_AT + 1))
-
-    losses_a, losses_b = tp.train_losses(run_a), tp.train_losses(run_b)
-    assert sorted(losses_a) == sorted(losses_b) == list(range(1, RESUME_STEPS + 1))
-    assert all(math.isfinite(v) for v in losses_a.values()) and len(set(losses_a.values())) > 1
-    for step in losses_a:
-        assert losses_b[step] == losses_a[step], f"step {step}: A {losses_a[step]!r} != B {losses_b[step]!r}"
-    for rec in read_metrics(run_b, raw=True):  # steps logged before the kill and again after it agree
-        if rec["split"] == "train":
-            assert rec["loss"] == losses_a[rec["step"]], rec
-    evals_a, evals_b = tp.evals(run_a), tp.evals(run_b)
-    assert sorted(evals_a) == [RESUME_STEPS] and "eval_loss" in evals_a[RESUME_STEPS]
-    assert evals_b == evals_a
+    tp.assert_bit_exact_resume(run_a, run_b, r, RESUME_STEPS, RESUME_KILL_AT, RESUME_EVERY)
+    assert sorted(tp.evals(run_a)) == [RESUME_STEPS] and "eval_loss" in tp.evals(run_a)[RESUME_STEPS]
 
     adapter_a, adapter_b = run_a / "adapter", run_b / "adapter"
     assert json.loads((adapter_a / "jaxpeft_adapter.json").read_text())["method"] == "apt"
