@@ -1,9 +1,10 @@
 """Adapters: named PEFT methods attached to a linen model by intercepting its layers.
 
 May import jaxpeft.models and jaxpeft.loading; never training code. `AdaptedModel` is the entry point;
-each method (LoRA, DoRA, (IA)^3, KaSA, PiSSA, CorDA, SORSA, SVFit, SALT, prefix tuning, P-tuning v2, APT, ...) is one module registering itself in `method.METHODS`.
+each method (LoRA, DoRA, (IA)^3, KaSA, PiSSA, CorDA, SORSA, SVFit, SALT, AdaLoRA, prefix tuning, P-tuning v2, APT, ...) is one module registering itself in `method.METHODS`.
 """
-from jaxpeft.adapters import apt as _apt  # noqa: F401  (each import registers its method)
+from jaxpeft.adapters import adalora as _adalora  # noqa: F401  (each import registers its method)
+from jaxpeft.adapters import apt as _apt  # noqa: F401
 from jaxpeft.adapters import corda as _corda  # noqa: F401
 from jaxpeft.adapters import dora as _dora  # noqa: F401
 from jaxpeft.adapters import full as _full  # noqa: F401
@@ -16,6 +17,7 @@ from jaxpeft.adapters import ptuning_v2 as _ptuning_v2  # noqa: F401
 from jaxpeft.adapters import salt as _salt  # noqa: F401
 from jaxpeft.adapters import sorsa as _sorsa  # noqa: F401
 from jaxpeft.adapters import svfit as _svfit  # noqa: F401
+from jaxpeft.adapters.adalora import AdaloraConfig
 from jaxpeft.adapters.apt import APTConfig
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.corda import CordaConfig
@@ -34,7 +36,7 @@ from jaxpeft.adapters.salt import SaltConfig
 from jaxpeft.adapters.sorsa import SorsaConfig
 from jaxpeft.adapters.svfit import SvfitConfig
 
-__all__ = ["ALL", "APTConfig", "AdaptedModel", "AdapterConfig", "AdapterState", "CordaConfig", "DenseMethod", "DoraConfig", "FullConfig",
+__all__ = ["ALL", "APTConfig", "AdaloraConfig", "AdaptedModel", "AdapterConfig", "AdapterState", "CordaConfig", "DenseMethod", "DoraConfig", "FullConfig",
            "IA3Config", "KasaConfig", "LoraConfig", "METHODS", "Method", "PTuningV2Config", "PissaConfig", "PrefixMethod", "PrefixTuningConfig", "SaltConfig",
            "SorsaConfig", "SvfitConfig",
            "drop_adapter", "load_adapter", "load_any", "register", "save_adapter", "save_any"]

@@ -401,6 +401,40 @@ class AdaptedModel:
             total = total + r
         return total
 
+    # ---- training hooks ------------------------------------------------------------------------------
+    def has_train_hooks(self) -> bool:
+        """Whether any adapter keeps state updated after each optimizer step (e.g. AdaLoRA's rank allocator)."""
+        return any(method_for(s.config).has_train_hook(s.config) for s in self.adapters)
+
+    def _hooked(self, state: Mapping[str, Any]) -> list[AdapterSpec]:
+        return [s for s in self.adapters if s.name in state and method_for(s.config).has_train_hook(s.config)]
+
+    def init_hook_state(self, state: AdapterState) -> dict[str, Any]:
+        """{adapter name: hook state} for the adapters with training hooks ({} when none)."""
+        return {s.name: method_for(s.config).init_hook_state(s.config, s.sites, state["trainable"][s.name],
+                                                              state["extras"][s.name])
+                for s in self._hooked(state["trainable"])}
+
+    def after_step(self, trainable: Mapping[str, Any], grads: Mapping[str, Any], extras: Mapping[str, Any],
+                   hooks: Mapping[str, Any], step: jax.Array, total_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run the training hooks after optimizer step `step`: (trainable, hooks)."""
+        trainable, hooks = dict(trainable), dict(hooks)
+        for s in self._hooked(trainable):
+            trainable[s.name], hooks[s.name] = method_for(s.config).after_step(
+                s.config, s.sites, step, total_steps, trainable[s.name], grads[s.name], extras[s.name],
+                hooks[s.name])
+        return trainable, hooks
+
+    def with_hook_extras(self, state: AdapterState, hooks: Mapping[str, Any]) -> AdapterState:
+        """`state` with each hooked adapter's saved hook values (e.g. AdaLoRA's rank mask) in its extras, for
+        export."""
+        extras = dict(state["extras"])
+        for s in self._hooked(state["trainable"]):
+            if s.name in hooks:
+                added = method_for(s.config).hook_extras(s.config, s.sites, hooks[s.name])
+                extras[s.name] = dict(extras[s.name], modules=merge_paths(extras[s.name]["modules"], added))
+        return {"trainable": state["trainable"], "extras": extras}
+
     # ---- reporting -----------------------------------------------------------------------------------
     def summary(self, state: AdapterState | None = None) -> str:
         """Every adapted module with its layers and trainable shapes."""

@@ -73,6 +73,25 @@ class Method:
         """The factor on grad R for 'post_clip' placement, given the configured peak learning rate."""
         return 1.0
 
+    # ---- training hooks ----------------------------------------------------------------------------------
+    def has_train_hook(self, cfg: AdapterConfig) -> bool:
+        """True when the method updates state after every optimizer step (AdaLoRA's rank allocator)."""
+        return False
+
+    def init_hook_state(self, cfg: AdapterConfig, sites: tuple[Any, ...], trainable: Any, extras: Any) -> Any:
+        """The hook's state (a pytree; checkpointed with the optimizer state) for one adapter's groups."""
+        raise NotImplementedError
+
+    def after_step(self, cfg: AdapterConfig, sites: tuple[Any, ...], step: jax.Array, total_steps: int,
+                   trainable: Any, grads: Any, extras: Any, hook: Any) -> tuple[Any, Any]:
+        """(trainable, hook) after optimizer step `step` (0-based, traced) from the updated trainable group, the
+        step's gradients (before clipping) and the adapter's extras group."""
+        raise NotImplementedError
+
+    def hook_extras(self, cfg: AdapterConfig, sites: tuple[Any, ...], hook: Any) -> dict[str, Vars]:
+        """{flax module path: {name: array}} of hook state to save with the adapter (e.g. a rank mask)."""
+        return {}
+
     def count(self, cfg: AdapterConfig, site: Any, node: Vars) -> int:
         """Trainable parameters of one site (all its layers), excluding padding; default: the selected layers."""
         import numpy as np

@@ -72,13 +72,16 @@ def peft_unsupported_reason(model: AdaptedModel, name: str) -> str | None:
     cfg = spec.config
     method = method_for(cfg)
     lora_form = hasattr(method, "lora_equivalent")
-    if not method.has_peft_format or (cfg.method not in _FILE_KEYS and cfg.method != "prefix" and not lora_form):
+    if not method.has_peft_format or (cfg.method not in _FILE_KEYS and cfg.method not in ("prefix", "adalora")
+                                      and not lora_form):
         return f"method {cfg.method!r} has no Hugging Face PEFT format"
     if lora_form and (cfg.rank_pattern or cfg.alpha_pattern):
         return (f"{cfg.method} is written as a rank-2r LoRA on the original base, which is implemented for one rank "
                 "and alpha per adapter: drop rank_pattern / alpha_pattern")
     if model.model_cfg is None:
         return "the model is not a jaxpeft backbone (PEFT keys come from its Hugging Face module names)"
+    if cfg.method == "adalora" and cfg.total_step is None:
+        return "AdaLoRA without total_step: PEFT's AdaLoraConfig requires it (runs fill it from train.steps)"
     if cfg.method == "kasa":
         if cfg.truncation != "hf":
             return ("KaSA truncation 'official' (K = n_in - r): PEFT recomputes the truncation on load with its own "
@@ -130,6 +133,8 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
                 out[PROMPT_PREFIX + _hf_module_path(model, key)] = value
         return out
     method = method_for(spec.config)
+    if spec.config.method == "adalora":
+        return _adalora_tensors(model, state, name)
     keys = _FILE_KEYS.get(spec.config.method)
     dense = state["trainable"][name]["modules"]
     if hasattr(method, "lora_equivalent"):
@@ -199,6 +204,12 @@ def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: st
         "layers_pattern": None,
         "fan_in_fan_out": model.model_cfg.arch == "gpt2",
     }
+    if cfg.method == "adalora":
+        return {**common, "peft_type": "ADALORA", "r": 8, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "init_r": cfg.init_r, "target_r": cfg.target_r, "tinit": cfg.tinit, "tfinal": cfg.tfinal,
+                "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
+                "total_step": cfg.total_step, "rank_pattern": None, "init_lora_weights": True, "bias": "none",
+                "use_rslora": False, "use_dora": False}
     if hasattr(method, "lora_equivalent"):  # PiSSA, CorDA, SORSA: A B - L0 R0 as a plain rank-2r LoRA on W0
         scale = method.scale(cfg, {})
         return {**common, "peft_type": "LORA", "r": 2 * cfg.r, "lora_alpha": scale * 2 * cfg.r,
@@ -234,6 +245,8 @@ def export_peft(model: AdaptedModel, state: AdapterState, name: str, out_dir: st
     publish_file(tmp)
     os.replace(tmp, out / "adapter_model.safetensors")
     cfg = peft_config_dict(model, name, base_model_name_or_path)
+    if cfg["peft_type"] == "ADALORA":
+        cfg["rank_pattern"] = {f"{hf}.lora_E": keep.tolist() for hf, keep in _adalora_masks(model, state, name)}
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(f"# {name}\n\nA {cfg['peft_type']} adapter exported by jaxpeft for "
                                    f"PEFT {PEFT_VERSION} (task {cfg['task_type']}).\n")
@@ -272,6 +285,14 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         from jaxpeft.adapters.lora import LoraConfig
 
         return LoraConfig(**kw)
+    if peft_type == "ADALORA":
+        from jaxpeft.adapters.adalora import AdaloraConfig
+
+        return AdaloraConfig(**common, init_r=d.get("init_r", 12), target_r=d.get("target_r", 8),
+                             tinit=d.get("tinit", 0), tfinal=d.get("tfinal", 0), deltaT=d.get("deltaT", 1),
+                             beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85),
+                             orth_reg_weight=d.get("orth_reg_weight", 0.5), total_step=d.get("total_step"),
+                             lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0))
     if peft_type == "IA3":
         from jaxpeft.adapters.ia3 import IA3Config
 
@@ -313,6 +334,8 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     if config.method == "prefix":
         _import_prefix(model, raw, tensors, state, name, weights)
         used.add("prompt_embeddings")
+    if config.method == "adalora":
+        used |= _import_adalora(model, raw, tensors, state, name, weights, missing)
     keys = _FILE_KEYS.get(config.method, ())
     for t in spec.targets:
         node = _get(dense, t.flax_module)
@@ -389,6 +412,81 @@ def _import_prefix(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mapping
     kv = emb.reshape(l, n, 2, h, d).transpose(1, 2, 0, 3, 4)
     node = _get(state["trainable"][name]["modules"], site.flax_module)
     node["prefix_k"], node["prefix_v"] = jnp.asarray(kv[:, 0]), jnp.asarray(kv[:, 1])
+
+
+def _adalora_masks(model: AdaptedModel, state: AdapterState, name: str):
+    """[(HF module path, kept-triplet mask (r_init,) bool)] per adapted module and layer: the rank mask the rank
+    allocator left in the extras (all kept when it never ran)."""
+    spec = model.spec(name)
+    out = []
+    for t in spec.targets:
+        node = _get(state["extras"][name]["modules"], t.flax_module)
+        mask = np.asarray(node["rank_mask"], bool) if "rank_mask" in node else None
+        for layer in (t.layers if t.layered else (None,)):
+            keep = np.ones((spec.config.init_r,), bool) if mask is None else (mask[layer] if t.layered else mask)
+            out.append((_hf_module_path(model, t.hf_name(layer)), keep))
+    return out
+
+
+def _adalora_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict[str, np.ndarray]:
+    """PEFT's pruned AdaLoRA tensors: lora_A (k, n_in), lora_B (n_out, k), lora_E (k, 1), k = kept triplets."""
+    spec = model.spec(name)
+    out: dict[str, np.ndarray] = {}
+    masks = iter(_adalora_masks(model, state, name))
+    for t in spec.targets:
+        node = {k: np.asarray(jax.device_get(v), np.float32)
+                for k, v in _get(state["trainable"][name]["modules"], t.flax_module).items()}
+        for layer in (t.layers if t.layered else (None,)):
+            hf, keep = next(masks)
+            a, e, b = (node[k][layer] if t.layered else node[k] for k in ("lora_A", "lora_E", "lora_B"))
+            out[f"{PREFIX}{hf}.lora_A"] = np.ascontiguousarray(a[:, keep].T)
+            out[f"{PREFIX}{hf}.lora_B"] = np.ascontiguousarray(b[keep].T)
+            out[f"{PREFIX}{hf}.lora_E"] = np.ascontiguousarray(e[keep][:, None])
+    return out
+
+
+def _import_adalora(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+                    state: AdapterState, name: str, weights: Path, missing: list[str]) -> set[str]:
+    """Fill an AdaLoRA adapter from PEFT's pruned tensors, padded back to r_init at the kept positions of the
+    config's rank_pattern (pruned triplets: zeros, E = 0, rank mask False). Returns the keys used."""
+    spec = model.spec(name)
+    r = spec.config.init_r
+    pattern = raw.get("rank_pattern") or {}
+    used: set[str] = set()
+    for t in spec.targets:
+        node = _get(state["trainable"][name]["modules"], t.flax_module)
+        xnode = _get(state["extras"][name]["modules"], t.flax_module)
+        vals = {k: np.array(node[k]) for k in ("lora_A", "lora_E", "lora_B")}
+        mask = np.ones((t.num_layers, r) if t.layered else (r,), bool)
+        for layer in (t.layers if t.layered else (None,)):
+            hf = _hf_module_path(model, t.hf_name(layer))
+            keys = {k: f"{PREFIX}{hf}.{k}" for k in ("lora_A", "lora_E", "lora_B")}
+            if any(k not in tensors for k in keys.values()):
+                missing += [k for k in keys.values() if k not in tensors]
+                continue
+            used |= set(keys.values())
+            keep = np.asarray(pattern.get(f"{hf}.lora_E", [True] * r), bool)
+            k = int(keep.sum())
+            a, e, b = tensors[keys["lora_A"]], tensors[keys["lora_E"]], tensors[keys["lora_B"]]
+            if keep.shape != (r,) or a.shape[0] != k or e.shape != (k, 1) or b.shape[1] != k:
+                raise CheckpointError(f"{weights}: AdaLoRA tensors of {hf} ({a.shape}, {e.shape}, {b.shape}) do not "
+                                      f"fit its rank_pattern ({k} of init_r={r} kept)")
+            full = {"lora_A": np.zeros((a.shape[1], r), np.float32), "lora_E": np.zeros((r,), np.float32),
+                    "lora_B": np.zeros((r, b.shape[0]), np.float32)}
+            full["lora_A"][:, keep], full["lora_E"][keep], full["lora_B"][keep] = a.T, e[:, 0], b.T
+            for key, value in full.items():
+                if t.layered:
+                    vals[key][layer] = value
+                else:
+                    vals[key] = value
+            if t.layered:
+                mask[layer] = keep
+            else:
+                mask = keep
+        for key, value in vals.items():
+            node[key] = jnp.asarray(value)
+        xnode["rank_mask"] = jnp.asarray(mask)
+    return used
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Any:

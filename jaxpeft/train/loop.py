@@ -63,8 +63,17 @@ def dropout_key(seed: int, step: jax.Array, micro: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
 
 
+def init_optimizer_state(model: AdaptedModel, tx: optax.GradientTransformation, state: Any) -> Any:
+    """The optimizer state of `state['trainable']`; with training hooks (AdaLoRA) {'optimizer': ..., 'hooks': ...}
+    (the hooks' state is checkpointed and resumed with it)."""
+    opt_state = tx.init(state["trainable"])
+    if model.has_train_hooks():
+        return {"optimizer": opt_state, "hooks": model.init_hook_state(state)}
+    return opt_state
+
+
 def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransformation, grad_accum: int,
-                    seed: int, peak_lr: float | None = None) -> Callable:
+                    seed: int, peak_lr: float | None = None, total_steps: int | None = None) -> Callable:
     """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, terms).
 
     The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the task gradient is the
@@ -74,8 +83,13 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
     'post_clip': tx must come from make_optimizer(..., post_clip=True)). Only `trainable` is differentiated.
     terms: {'loss': task loss + R, 'task_loss', 'regularizer'} (and 'post_clip_regularizer', unscaled, when
     there is one), float32 scalars. A non-finite loss or gradient returns the inputs unchanged and loss = NaN.
+    Training hooks (AdaLoRA) run after the update on the step's gradients (before clipping); opt_state then comes
+    from `init_optimizer_state`, and total_steps is the run's length.
     """
     post_clip = model.has_regularizer("post_clip")
+    hooked = model.has_train_hooks()
+    if hooked and total_steps is None:
+        raise ValueError("this adapter has a training hook (e.g. AdaLoRA's rank schedule): pass total_steps")
     if post_clip and peak_lr is None:
         raise ValueError("a post_clip regulariser (e.g. SORSA) scales its gradient by gamma / peak lr: pass peak_lr")
 
@@ -116,8 +130,14 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         # a non-finite loss or gradient leaves the state untouched (and is reported as a NaN loss), so no
         # NaN ever reaches the weights, the optimizer state or a checkpoint
         ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra_args)
+        tx_state = opt_state["optimizer"] if hooked else opt_state
+        updates, new_tx_state = tx.update(grads, tx_state, trainable, **extra_args)
         new_trainable = optax.apply_updates(trainable, updates)
+        new_opt_state = new_tx_state
+        if hooked:
+            new_trainable, hooks = model.after_step(new_trainable, grads, extras, opt_state["hooks"], step,
+                                                    total_steps)
+            new_opt_state = {"optimizer": new_tx_state, "hooks": hooks}
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         terms["loss"] = jnp.where(ok, loss, jnp.nan)
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), terms

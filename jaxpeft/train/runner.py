@@ -6,6 +6,8 @@ this module except the CLI and users.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import time
@@ -22,8 +24,8 @@ from jaxpeft.adapters.partition import trainable_parameters_line
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
-from jaxpeft.train.loop import (generate_with_adapter, iterate_losses, make_eval_loss, make_optimizer, make_regularizer,
-                                make_train_step)
+from jaxpeft.train.loop import (generate_with_adapter, init_optimizer_state, iterate_losses, make_eval_loss,
+                                make_optimizer, make_regularizer, make_train_step)
 from jaxpeft.train.probes import gate_report, has_gates
 from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
 
@@ -84,8 +86,11 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
     if pre.tokenizer is None:
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint!r} has no tokenizer; jaxpeft needs tokenizer.json")
     task = make_task(cfg, pre.tokenizer, labels)
+    adapter_cfg = cfg.adapter_config()
+    if getattr(adapter_cfg, "total_step", 0) is None:  # AdaLoRA's schedule spans the run unless told otherwise
+        adapter_cfg = dataclasses.replace(adapter_cfg, total_step=cfg.train.steps)
     try:
-        model = AdaptedModel.wrap(pre.module).add(ADAPTER_NAME, cfg.adapter_config())
+        model = AdaptedModel.wrap(pre.module).add(ADAPTER_NAME, adapter_cfg)
     except ValueError as e:  # targets that match nothing, layers out of range, a method the model cannot take
         raise ConfigError(f"adapter: {e}") from e
     _check_positions(cfg, pre.config, model)
@@ -223,9 +228,9 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     train_examples = encode_rows(ctx.task, train_rows)
     pad = ctx.pretrained.tokenizer.pad_token_id or 0
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.data.buckets, pad, cfg.train.seed)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, post_clip=ctx.model.has_regularizer("post_clip"))
+    tx = _optimizer(ctx)
     trainable = ctx.state["trainable"]
-    opt_state = tx.init(trainable)
+    opt_state = init_optimizer_state(ctx.model, tx, ctx.state)
     ckpt = RunCheckpointer(out / "checkpoints", keep_last=cfg.train.keep_last, best_metric=cfg.train.best_metric,
                            best_mode=cfg.train.best_mode, base_fingerprint=fingerprint(frozen))
     result = RunResult(out, out / "adapter", 0)
@@ -246,7 +251,8 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
         result.metrics_before = _evaluate(ctx, trainable)
         logger.log(0, result.metrics_before, split="eval")
         say(f"before training: {_fmt(result.metrics_before)}")
-    step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed, peak_lr=cfg.optim.lr)
+    step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed, peak_lr=cfg.optim.lr,
+                              total_steps=cfg.train.steps)
     extras = ctx.state["extras"]
     last_eval: dict[str, float] = {}
     has_reg = ctx.model.has_regularizer("loss") or ctx.model.has_regularizer("post_clip")
@@ -293,6 +299,8 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     result.metrics_after = last_eval or _evaluate(ctx, trainable)
     say(f"after training:  {_fmt(result.metrics_after)}")
     final_state = {"trainable": trainable, "extras": extras}
+    if ctx.model.has_train_hooks():  # e.g. AdaLoRA's rank mask goes into the exported adapter
+        final_state = ctx.model.with_hook_extras(final_state, opt_state["hooks"])
     _, fmt = save_any(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
                       base_model_name_or_path=cfg.model.checkpoint)
     say(f"adapter ({'Hugging Face PEFT' if fmt == 'peft' else 'jaxpeft'} format): {result.adapter_dir}")
@@ -326,6 +334,11 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
     return _evaluate(ctx, trainable)
 
 
+def _optimizer(ctx: _Context) -> Any:
+    """The run's optax transformation (with the post-clip slot when a method needs it, e.g. SORSA)."""
+    return make_optimizer(ctx.cfg.optim, ctx.cfg.train.steps, post_clip=ctx.model.has_regularizer("post_clip"))
+
+
 def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
     """The trainable tree of a run checkpoint (default latest); its saved frozen extras replace ctx.state's."""
     from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
@@ -335,10 +348,18 @@ def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
                          best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
                          base_fingerprint=fingerprint(ctx.pretrained.params)) as ckpt:
         step = ckpt.latest_step() if step is None else step
-        trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
+        hooks = None
+        if ctx.model.has_train_hooks():  # their state (e.g. AdaLoRA's rank mask) is part of the optimizer state
+            like = init_optimizer_state(ctx.model, _optimizer(ctx), ctx.state)
+            trainable, opt_state, _ = ckpt.restore(step, trainable_like=ctx.state["trainable"], opt_state_like=like)
+            hooks = opt_state["hooks"]
+        else:
+            trainable, _ = ckpt.restore_trainable(step, trainable_like=ctx.state["trainable"])
         extras = ckpt.restore_extras(step, extras_like=ctx.state["extras"])
     if extras is not None:
         ctx.state["extras"] = extras
+    if hooks is not None:
+        ctx.state = ctx.model.with_hook_extras({"trainable": trainable, "extras": ctx.state["extras"]}, hooks)
     return trainable
 
 

@@ -101,3 +101,34 @@ def test_corda_run_restores_calibrated_factors_from_its_checkpoint(tmp_path, bui
     assert peft_cfg["r"] == 8  # the rank-2r LoRA form on the original base
     again = evaluate(str(cfg))  # placeholder calibration, then the checkpoint's saved extras
     assert again["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6, abs=1e-6)
+
+
+ADALORA = {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "lora_alpha": 8,
+           "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def adalora_resumed(tmp_path_factory, build_config, cli_env) -> dict:
+    """AdaLoRA with the rank schedule spanning the run (total_step = train.steps): the kill at step 4 lands in the
+    cubic-budget phase, so the importance EMAs and the rank mask must come back from the checkpoint."""
+    root = tmp_path_factory.mktemp("adalora-resume")
+    pair = tp.resumed_pair(root, _config(build_config, root, "a", ADALORA), _config(build_config, root, "b", ADALORA),
+                           cli_env, KILL_AT)
+    return dict(run_a=root / "a", run_b=root / "b", **pair)
+
+
+def test_adalora_resume_after_sigkill_is_bit_exact(adalora_resumed):
+    r = adalora_resumed
+    tp.assert_bit_exact_resume(r["run_a"], r["run_b"], r, STEPS, KILL_AT, EVERY)
+    tp.assert_same_tensors(r["run_a"] / "adapter" / "adapter_model.safetensors",
+                           r["run_b"] / "adapter" / "adapter_model.safetensors")
+    cfg_a = json.loads((r["run_a"] / "adapter" / "adapter_config.json").read_text())
+    assert cfg_a == json.loads((r["run_b"] / "adapter" / "adapter_config.json").read_text())
+
+
+def test_adalora_run_exports_the_final_rank_pattern(adalora_resumed):
+    cfg = json.loads((adalora_resumed["run_a"] / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADALORA" and cfg["total_step"] == STEPS
+    pattern = cfg["rank_pattern"]
+    assert len(pattern) == 2 * 2  # q and v in the tiny llama's 2 layers
+    assert sum(sum(v) for v in pattern.values()) == 2 * len(pattern)  # target_r per module on average
