@@ -27,14 +27,9 @@ TARGETS = ("q_proj", "v_proj")
 KW = dict(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=2, total_step=9, lora_alpha=8.0, target_modules=TARGETS)
 
 
-def _fresh_hf(tiny):
-    cls = hf_tiny.HF_CLASSES[(tiny.name, tiny.task)]
-    return cls.from_pretrained(tiny.path, attn_implementation="eager").eval()
-
-
 def _peft_model(tiny):
     cfg = peft.AdaLoraConfig(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in KW.items()})
-    return peft.get_peft_model(_fresh_hf(tiny), cfg)
+    return peft.get_peft_model(af.fresh_hf(tiny), cfg)
 
 
 def _ours(tiny, seed=0):
@@ -116,14 +111,7 @@ def test_export_of_a_pruned_adapter_matches_peft(tmp_path):
     export_peft(am, state, af.NAME, tmp_path, base_model_name_or_path=tiny.path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "ADALORA" and len(cfg["rank_pattern"]) == 2 * tiny.cfg.num_layers
-    with af.capture_messages() as msgs:
-        pm = peft.PeftModel.from_pretrained(_fresh_hf(tiny), str(tmp_path)).eval()
-    assert af.key_messages(msgs) == [], msgs
-    ids, mask, jkw, hkw = af.inputs(tiny)
-    ours = np.asarray(af.jitted(am)(tiny.params, state, ids, mask, jkw))
-    ref = af.torch_forward(pm, ids, mask, hkw, tiny.task)
-    assert_close(ours, ref, mask, max_abs=1e-4, what="AdaLoRA export")
-    assert np.abs(ref - af.torch_forward(tiny.hf, ids, mask, hkw, tiny.task))[mask.astype(bool)].max() > 1e-2
+    af.assert_peft_parity(tiny, am, state, af.load_peft_quietly(tiny, tmp_path), "AdaLoRA export")
     # import pads back to r_init at the kept positions: same arrays, same masks
     am2, state2 = import_peft(AdaptedModel.wrap(build_model(tiny.cfg, tiny.task)), tiny.params, tmp_path)
     for t in am.spec(af.NAME).targets:
@@ -178,8 +166,7 @@ def test_regularizer_is_the_mean_orthogonality_gap_times_the_weight():
 
 
 def test_trainable_count_equals_section_15_and_peft():
-    make = lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=576, num_hidden_layers=30,  # noqa: E731
-                                            num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
+    make = af.smollm2_hf_config
     cfg = ModelConfig.from_hf(make().to_dict())
     frozen = af.abstract_params(cfg, "causal_lm")
     am = AdaptedModel.wrap(build_model(cfg, "causal_lm")).add(af.NAME, AdaloraConfig(target_modules=TARGETS))

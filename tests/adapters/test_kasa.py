@@ -9,7 +9,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -41,18 +40,8 @@ def kasa_model(name, task, seed=0, **kw):
     return tiny, am, am.init(jax.random.key(seed), tiny.params)
 
 
-def _fresh_hf(tiny):
-    cls = hf_tiny.HF_CLASSES[(tiny.name, tiny.task)]
-    return cls.from_pretrained(tiny.path, attn_implementation="eager").eval()
-
-
 def _compare(tiny, am, state, pm):
-    ids, mask, jkw, hkw = af.inputs(tiny)
-    ours = np.asarray(af.jitted(am)(tiny.params, state, ids, mask, jkw))
-    ref = af.torch_forward(pm, ids, mask, hkw, tiny.task)
-    assert_close(ours, ref, af.cmp_mask(tiny.task, mask), max_abs=TOL, what=f"{tiny.name} KaSA")
-    base = af.torch_forward(tiny.hf, ids, mask, hkw, tiny.task)
-    assert np.abs(ref - base).max() > 1e-2  # the adapter (and truncation) matter: the check is not vacuous
+    af.assert_peft_parity(tiny, am, state, pm, f"{tiny.name} KaSA", TOL)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -63,9 +52,7 @@ def test_export_logits_match_peft_which_recomputes_the_truncation(case, tmp_path
     export_peft(am, state, af.NAME, tmp_path, base_model_name_or_path=tiny.path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["kasa_config"] == {"beta": 1e-4, "gamma": 1e-3} and cfg["peft_type"] == "LORA"
-    with af.capture_messages() as msgs:
-        pm = peft.PeftModel.from_pretrained(_fresh_hf(tiny), str(tmp_path)).eval()
-    assert af.key_messages(msgs) == [], msgs
+    pm = af.load_peft_quietly(tiny, tmp_path)
     _compare(tiny, am, state, pm)
     # and back: the imported adapter equals the exported one
     am2, state2 = import_peft(AdaptedModel.wrap(build_model(tiny.cfg, tiny.task)), tiny.params, tmp_path)
@@ -83,7 +70,7 @@ def test_import_of_a_peft_made_kasa_adapter_matches_peft(case, tmp_path):
     pcfg = peft.LoraConfig(r=kw["r"], lora_alpha=kw["lora_alpha"], target_modules=list(kw["target_modules"]),
                            kasa_config=peft.tuners.lora.config.KasaConfig(beta=0.01, gamma=0.02),
                            modules_to_save=list(kw.get("modules_to_save", ())) or None)
-    pm = peft.get_peft_model(_fresh_hf(tiny), pcfg).eval()
+    pm = peft.get_peft_model(af.fresh_hf(tiny), pcfg).eval()
     with torch.no_grad():  # PEFT inits B = 0: make every factor non-zero
         for n, p in pm.named_parameters():
             if "lora_B" in n or "lora_diag" in n or "modules_to_save" in n:
@@ -211,19 +198,9 @@ def test_merge_reproduces_the_adapted_forward():
 # ------------------------------------------------------------------------------------------------ counts
 
 
-def _smollm2():
-    return transformers.LlamaConfig(vocab_size=64, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                                    num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True)
-
-
-def _bert():
-    return transformers.BertConfig(vocab_size=64, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                   intermediate_size=3072)
-
-
 @pytest.mark.parametrize("make,cls,task,targets,expected", [
-    (_smollm2, transformers.LlamaForCausalLM, "causal_lm", ("q_proj", "v_proj"), 461_280),
-    (_bert, transformers.BertModel, "base", ("query", "value"), 295_104),
+    (af.smollm2_hf_config, transformers.LlamaForCausalLM, "causal_lm", ("q_proj", "v_proj"), 461_280),
+    (af.bert_base_hf_config, transformers.BertModel, "base", ("query", "value"), 295_104),
 ])
 def test_trainable_count_equals_section_15_and_peft(make, cls, task, targets, expected):
     cfg = ModelConfig.from_hf(make().to_dict())

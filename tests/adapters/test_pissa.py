@@ -21,15 +21,9 @@ import hf_tiny  # noqa: E402
 from jaxpeft.adapters import AdaptedModel, CordaConfig, PissaConfig, SorsaConfig  # noqa: E402
 from jaxpeft.adapters.peft_io import export_peft  # noqa: E402
 from jaxpeft.models import build_model  # noqa: E402
-from parity import assert_close  # noqa: E402
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 R, ALPHA = 4, 8.0
-
-
-def _fresh_hf(tiny):
-    cls = hf_tiny.HF_CLASSES[(tiny.name, tiny.task)]
-    return cls.from_pretrained(tiny.path, attn_implementation="eager").eval()
 
 
 def _examples(tiny, n=3):
@@ -46,7 +40,7 @@ def _ours(tiny, cfg):
 
 
 def _peft(tiny, method):
-    model = _fresh_hf(tiny)
+    model = af.fresh_hf(tiny)
     if method == "pissa":
         cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), init_lora_weights="pissa")
     else:
@@ -100,12 +94,4 @@ def test_export_as_rank_2r_lora_matches_peft_on_the_original_base(cfg, tmp_path)
     export_peft(am, state, af.NAME, tmp_path, base_model_name_or_path=tiny.path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["r"] == 2 * R and written["peft_type"] == "LORA"
-    with af.capture_messages() as msgs:
-        pm = peft.PeftModel.from_pretrained(_fresh_hf(tiny), str(tmp_path)).eval()
-    assert af.key_messages(msgs) == [], msgs
-    ids, mask, jkw, hkw = af.inputs(tiny)
-    ours = np.asarray(af.jitted(am)(tiny.params, state, ids, mask, jkw))
-    ref = af.torch_forward(pm, ids, mask, hkw, tiny.task)
-    assert_close(ours, ref, mask, max_abs=1e-4, what=f"{cfg.method} as LoRA-2r")
-    base = af.torch_forward(tiny.hf, ids, mask, hkw, tiny.task)
-    assert np.abs(ref - base)[mask.astype(bool)].max() > 1e-2
+    af.assert_peft_parity(tiny, am, state, af.load_peft_quietly(tiny, tmp_path), f"{cfg.method} as LoRA-2r")

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
 import adapter_fixtures as af  # noqa: E402
@@ -96,16 +95,6 @@ def test_merge_reproduces_the_adapted_forward(case):
     assert_close(ours, ref, mask, max_abs=1e-4, what=f"{case} merge")
 
 
-def _smollm2():
-    return transformers.LlamaConfig(vocab_size=64, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                                    num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True)
-
-
-def _bert():
-    return transformers.BertConfig(vocab_size=64, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                   intermediate_size=3072)
-
-
 def _abstract_state(make, task, cfg):
     """(model, shape-only state, shape-only frozen) on a full-size config: nothing is allocated or decomposed."""
     mcfg = ModelConfig.from_hf(make().to_dict())
@@ -131,8 +120,8 @@ SECTION_15 = {
 @pytest.mark.parametrize("method", list(SECTION_15))
 def test_trainable_counts_equal_section_15(method):
     cls, kw, smol, bert = SECTION_15[method]
-    for make, task, targets, expected in ((_smollm2, "causal_lm", ("q_proj", "v_proj"), smol),
-                                          (_bert, "base", ("query", "value"), bert)):
+    for make, task, targets, expected in ((af.smollm2_hf_config, "causal_lm", ("q_proj", "v_proj"), smol),
+                                          (af.bert_base_hf_config, "base", ("query", "value"), bert)):
         am, state, frozen = _abstract_state(make, task, cls(r=8, target_modules=targets, **kw))
         assert count_parameters(am, state, frozen)[0] == expected, (method, task)
 
@@ -142,7 +131,7 @@ def test_no_frozen_extra_is_a_second_copy_of_a_base_weight_except_salt(method):
     """On SmolLM2 shapes with every linear layer of a block targeted (square, narrowing, widening)."""
     cls, kw, _, _ = SECTION_15[method]
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    am, state, _ = _abstract_state(_smollm2, "causal_lm", cls(r=8, target_modules=targets, **kw))
+    am, state, _ = _abstract_state(af.smollm2_hf_config, "causal_lm", cls(r=8, target_modules=targets, **kw))
     full = []
     for t in am.spec(af.NAME).targets:
         node = af.get(state["extras"][af.NAME]["modules"], t.flax_module)
