@@ -1,7 +1,7 @@
 """Adapters: named PEFT methods attached to a linen model by intercepting its layers.
 
 May import jaxpeft.models and jaxpeft.loading; never training code. `AdaptedModel` is the entry point;
-each method (LoRA, DoRA, (IA)^3, KaSA, PiSSA, CorDA, SORSA, SVFit, SALT, AdaLoRA, prefix tuning, P-tuning v2, APT, ...) is one module registering itself in `method.METHODS`.
+each method (LoRA, DoRA, (IA)^3, KaSA, PiSSA, CorDA, SORSA, SVFit, SALT, AdaLoRA, prefix tuning, P-tuning v2, APT; IMSM wraps any of them) is one module registering itself in `method.METHODS`.
 """
 from jaxpeft.adapters import adalora as _adalora  # noqa: F401  (each import registers its method)
 from jaxpeft.adapters import apt as _apt  # noqa: F401
@@ -9,6 +9,7 @@ from jaxpeft.adapters import corda as _corda  # noqa: F401
 from jaxpeft.adapters import dora as _dora  # noqa: F401
 from jaxpeft.adapters import full as _full  # noqa: F401
 from jaxpeft.adapters import ia3 as _ia3  # noqa: F401
+from jaxpeft.adapters import imsm as _imsm  # noqa: F401  (after the methods it may wrap)
 from jaxpeft.adapters import kasa as _kasa  # noqa: F401
 from jaxpeft.adapters import lora as _lora  # noqa: F401
 from jaxpeft.adapters import pissa as _pissa  # noqa: F401
@@ -25,6 +26,7 @@ from jaxpeft.adapters.core import ALL, AdaptedModel, AdapterState, drop_adapter
 from jaxpeft.adapters.dora import DoraConfig
 from jaxpeft.adapters.full import FullConfig
 from jaxpeft.adapters.ia3 import IA3Config
+from jaxpeft.adapters.imsm import IMSMConfig
 from jaxpeft.adapters.kasa import KasaConfig
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import METHODS, DenseMethod, Method, PrefixMethod, register
@@ -37,6 +39,6 @@ from jaxpeft.adapters.sorsa import SorsaConfig
 from jaxpeft.adapters.svfit import SvfitConfig
 
 __all__ = ["ALL", "APTConfig", "AdaloraConfig", "AdaptedModel", "AdapterConfig", "AdapterState", "CordaConfig", "DenseMethod", "DoraConfig", "FullConfig",
-           "IA3Config", "KasaConfig", "LoraConfig", "METHODS", "Method", "PTuningV2Config", "PissaConfig", "PrefixMethod", "PrefixTuningConfig", "SaltConfig",
+           "IA3Config", "IMSMConfig", "KasaConfig", "LoraConfig", "METHODS", "Method", "PTuningV2Config", "PissaConfig", "PrefixMethod", "PrefixTuningConfig", "SaltConfig",
            "SorsaConfig", "SvfitConfig",
            "drop_adapter", "load_adapter", "load_any", "register", "save_adapter", "save_any"]

@@ -61,6 +61,13 @@ class AdapterSpec:
     config: AdapterConfig
     targets: tuple[ModuleTarget, ...]
     hooks: tuple[HookSite, ...] = ()
+    wrapper: AdapterConfig | None = None
+    """A method that wraps this one at the model level (IMSM); `config` is then the inner method's."""
+
+    @property
+    def full_config(self) -> AdapterConfig:
+        """The config the user gave: the wrapper's (with the inner one inside) or the method's own."""
+        return self.wrapper if self.wrapper is not None else self.config
 
     @property
     def kind(self) -> str:
@@ -122,6 +129,12 @@ class AdaptedModel:
         if not name or any(c in name for c in "/:"):
             raise ValueError(f"adapter name {name!r}: must be non-empty without '/' or ':'")
         method = method_for(config)
+        if method.kind == "wrapper":  # the inner method's interceptions, under this adapter's name
+            inner = self.add(name, config.inner, strict=strict).spec(name)
+            if self.model_cfg is None or not self.model_cfg.is_decoder:
+                raise ValueError(f"adapter {name!r} ({config.method}): it mixes the final hidden states of a decoder "
+                                 "language model; this model is not a jaxpeft decoder backbone")
+            return dataclasses.replace(self, adapters=self.adapters + (dataclasses.replace(inner, wrapper=config),))
         if config.method == "full":  # no interception: whole modules are trained (see init)
             return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, ()),))
         if method.kind == "prefix":
@@ -202,6 +215,11 @@ class AdaptedModel:
             method = method_for(s.config)
             extras = _set_layer_values(s, variables.get(extras_collection(s.name), {}))
             shared, shared_extras = method.init_shared(s.config, s.sites, jax.random.fold_in(shared_rng, k))
+            if s.wrapper is not None:  # the wrapper's own parameters (IMSM's gate) sit beside the inner method's
+                from jaxpeft.adapters.imsm import GATE_KEY, init_gate
+
+                gate = init_gate(s.wrapper, self.model_cfg.hidden_size, jax.random.fold_in(shared_rng, 1000 + k))
+                shared = {**shared, GATE_KEY: gate} if gate else shared
             saved = {}
             modules = s.config.modules_to_save or (tuple(frozen) if s.config.method == "full" else ())
             for mod in modules:
@@ -274,6 +292,15 @@ class AdaptedModel:
         decoding with a cache takes the shift from the cache (`init_cache`).
         """
         names = self._active(state, active)
+        wrapped = [self.spec(n) for n in names if self.spec(n).wrapper is not None]
+        if wrapped:
+            return self._apply_siamese(frozen, state, wrapped[0], names, args, adapter_index, deterministic, rngs,
+                                       method, capture, kwargs)
+        return self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, method, capture,
+                                 kwargs)
+
+    def _apply_plain(self, frozen, state, names, args, adapter_index, deterministic, rngs, method, capture, kwargs):
+        """apply() of adapters that intercept layers (a wrapper's inner method included)."""
         params = dict(frozen)
         specs = [self.spec(n) for n in names]
         saved = [state["trainable"][n].get("saved") or {} for n in names] if names else []
@@ -302,6 +329,58 @@ class AdaptedModel:
         with nn.intercept_methods(_Interceptor(site_specs, names, adapter_index, deterministic, init_mode=False,
                                                capture=capture)):
             return self.module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kw)
+
+    def _apply_siamese(self, frozen, state, spec, names, args, adapter_index, deterministic, rngs, method, capture,
+                       kwargs):
+        """IMSM: the base stream (W0 exactly: no adapter, no dropout, no gradient) and the inner adapter's stream
+        read the same frozen tree; the gate mixes their final hidden states before the frozen head."""
+        from jaxpeft.adapters.imsm import GATE_KEY, IMSMCache, gate_dropout, gate_values, mix, query_mean
+
+        if len(names) != 1 or adapter_index is not None:
+            raise ValueError(f"adapter {spec.name!r} ({spec.wrapper.method}) runs alone: activate only it, without "
+                             "a per-example adapter_index")
+        if method not in (None, "__call__"):
+            raise ValueError(f"adapter {spec.name!r} ({spec.wrapper.method}) runs the whole model (method=None)")
+        cfg = spec.wrapper
+        kwargs = dict(kwargs)
+        cache = kwargs.pop("cache", None)
+        ids = args[0]
+        mask = (args[1] if len(args) > 1 else kwargs.get("attention_mask_bt"))
+        mask = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+        prompt = kwargs.get("prompt_mask_bt")
+        query_bt = mask if prompt is None else mask & prompt.astype(bool)
+        if cache is not None:
+            kwargs_b, kwargs_t = dict(kwargs, cache=cache.base), dict(kwargs, cache=cache.tuned)
+        else:
+            kwargs_b = kwargs_t = kwargs
+        h_base, c_base = self._apply_plain(frozen, None, (), args, None, True, None, "hidden_states", False, kwargs_b)
+        h_base = jax.lax.stop_gradient(h_base)
+        tuned = self._apply_plain(frozen, state, names, args, None, deterministic, rngs, "hidden_states", capture,
+                                  kwargs_t)
+        (h_tuned, c_tuned), probes = tuned if capture else (tuned, None)
+        q_base, q_tuned = query_mean(h_base, query_bt), query_mean(h_tuned, query_bt)
+        if cache is not None:  # the query means come from the prompt at prefill, then stay
+            keep = cache.q_valid_b[:, None]
+            q_base = jnp.where(keep, cache.q_base_bd, q_base)
+            q_tuned = jnp.where(keep, cache.q_tuned_bd, q_tuned)
+        drop = gate_dropout(cfg, deterministic, None if rngs is None else rngs.get("dropout"))
+        gate = state["trainable"][spec.name]["shared"].get(GATE_KEY, {})
+        g = gate_values(cfg, gate, h_base, h_tuned, q_base, q_tuned, drop)
+        h = mix(g, h_base, h_tuned)
+        params = dict(frozen)
+        params.update(state["trainable"][spec.name].get("saved") or {})
+        logits = self.module.apply({"params": params}, h, mask, method="head")
+        new_cache = None
+        if cache is not None:
+            new_cache = IMSMCache(c_base, c_tuned, q_base, q_tuned, cache.q_valid_b | jnp.any(query_bt, axis=1))
+        from jaxpeft.models.outputs import ModelOutput
+
+        out = ModelOutput(logits=logits, hidden=h, cache=new_cache)
+        if capture:
+            probes = dict(probes or {})
+            probes.setdefault("probes", {})[f"{spec.name}:gate"] = g
+            return out, probes
+        return out
 
     def position_offsets(self, names: Sequence[str], adapter_index: jax.Array | None, batch: int | None
                          ) -> jax.Array | None:
@@ -333,9 +412,17 @@ class AdaptedModel:
         from jaxpeft.models.layers import jnp_dtype
 
         names = self._active(state, active)
-        return KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim,
-                            dtype or jnp_dtype(cfg.dtype), prefix_slots=self._slots(names),
-                            position_offset_b=self.position_offsets(names, adapter_index, batch))
+        dtype = dtype or jnp_dtype(cfg.dtype)
+        tuned = KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype,
+                             prefix_slots=self._slots(names),
+                             position_offset_b=self.position_offsets(names, adapter_index, batch))
+        if any(self.spec(n).wrapper is not None for n in names):  # IMSM: both streams' caches, the query means
+            from jaxpeft.adapters.imsm import IMSMCache
+
+            base = KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+            zeros = jnp.zeros((batch, cfg.hidden_size), jnp.float32)
+            return IMSMCache(base, tuned, zeros, zeros, jnp.zeros((batch,), bool))
+        return tuned
 
     def prefix_slots(self, state: AdapterState | None = None, active: str | Sequence[str] | None = ALL) -> int:
         """How many key/value entries the active prefix adapters add to every attention layer."""
@@ -435,12 +522,37 @@ class AdaptedModel:
                 extras[s.name] = dict(extras[s.name], modules=merge_paths(extras[s.name]["modules"], added))
         return {"trainable": state["trainable"], "extras": extras}
 
+    # ---- optimizer groups ----------------------------------------------------------------------------
+    def lr_groups(self, base_lr: float) -> dict[str, float]:
+        """{group: peak lr}: 'default' (base_lr) plus a group per wrapper with its own lr (IMSM's gate_lr)."""
+        groups = {"default": base_lr}
+        for s in self.adapters:
+            if s.wrapper is not None and getattr(s.wrapper, "gate_lr", None):
+                groups[f"{s.name}:gate"] = s.wrapper.gate_lr
+        return groups
+
+    def param_labels(self, trainable: Mapping[str, Any]) -> Any:
+        """The group of every leaf of `trainable` (a tree of strings; see lr_groups)."""
+        from jaxpeft.adapters.imsm import GATE_KEY
+
+        groups = self.lr_groups(0.0)
+
+        def label(path, _):
+            keys = [getattr(k, "key", None) for k in path]
+            name = keys[0]
+            if f"{name}:gate" in groups and keys[1:3] == ["shared", GATE_KEY]:
+                return f"{name}:gate"
+            return "default"
+
+        return jax.tree_util.tree_map_with_path(label, dict(trainable))
+
     # ---- reporting -----------------------------------------------------------------------------------
     def summary(self, state: AdapterState | None = None) -> str:
         """Every adapted module with its layers and trainable shapes."""
         lines = []
         for s in self.adapters:
-            lines.append(f"adapter {s.name!r} ({s.config.method}):")
+            what = s.config.method if s.wrapper is None else f"{s.wrapper.method} over {s.config.method}"
+            lines.append(f"adapter {s.name!r} ({what}):")
             group = (state or {}).get("trainable", {}).get(s.name, {})
             tr = group.get("modules", {})
             for t in s.sites:

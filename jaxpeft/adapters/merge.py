@@ -25,6 +25,9 @@ def merge(model: AdaptedModel, frozen: Mapping[str, Any], state: AdapterState, n
     reproduces `model.apply(frozen, state, ..., active=name)` (dropout off)."""
     spec = model.spec(name)
     method = method_for(spec.config)
+    if spec.wrapper is not None:
+        raise ValueError(f"adapter {name!r} ({spec.wrapper.method}) cannot be merged: its gate mixes the base and the "
+                         "adapted model's hidden states per token, which no single set of weights reproduces")
     if method.kind != "dense":
         raise ValueError(f"adapter {name!r} ({spec.config.method}) cannot be merged: a {method.kind} method adds "
                          "key/value entries to attention, not a change of any weight; run it unmerged (its cost is "

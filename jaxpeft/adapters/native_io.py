@@ -43,6 +43,8 @@ def config_dict(cfg: Any) -> dict[str, Any]:
         v = getattr(cfg, f.name)
         if f.name in ("rank_pattern", "alpha_pattern"):
             v = dict(v)
+        elif dataclasses.is_dataclass(v):  # a wrapped method's config (IMSM's inner)
+            v = {"method": v.method, **config_dict(v)}
         elif isinstance(v, tuple):
             v = list(v)
         out[f.name] = v
@@ -82,6 +84,8 @@ def state_arrays(model: AdaptedModel, state: AdapterState, name: str, *, fold: b
     method = method_for(cfg)
     if fold and method.kind == "prefix":
         cfg, tr, ex = method.fold(cfg, spec.sites, tr, ex)
+    if spec.wrapper is not None:  # saved as the wrapper, the (folded) inner config inside it
+        cfg = dataclasses.replace(spec.wrapper, inner=cfg)
     arrays: dict[str, np.ndarray] = {}
     _flatten(tr, "trainable", arrays)
     _flatten(ex, "extras", arrays)

@@ -69,6 +69,8 @@ def _from_file(value: np.ndarray, layout: str) -> np.ndarray:
 def peft_unsupported_reason(model: AdaptedModel, name: str) -> str | None:
     """Why adapter `name` has no HF PEFT form (None when `export_peft` can write it)."""
     spec = model.spec(name)
+    if spec.wrapper is not None:
+        return f"method {spec.wrapper.method!r} (wrapping {spec.config.method!r}) has no Hugging Face PEFT format"
     cfg = spec.config
     method = method_for(cfg)
     lora_form = hasattr(method, "lora_equivalent")

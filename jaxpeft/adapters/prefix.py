@@ -21,6 +21,9 @@ from jaxpeft.models.attention import Prefix
 INITS = ("normal", "zero")
 
 
+MLP_KEYS = ("embedding", "mlp_in", "mlp_out")
+"""The reparameterisation's shared variables (folded away on export)."""
+
 @dataclass(frozen=True)
 class PrefixTuningConfig(AdapterConfig):
     """Prefix tuning hyper-parameters (PEFT `PrefixTuningConfig` names where they exist).
@@ -119,7 +122,7 @@ class PrefixTuning(PrefixMethod):
         m = cfg.encoder_hidden_size or d_e
         out = 2 * sum(s.num_layers for s in sites) * d_kv
         ke, k1, k2, k3, k4 = jax.random.split(rng, 5)
-        return {"embedding": self.init_prefix(cfg, (self.num_slots(cfg), d_e), ke),
+        return {"embedding": self.init_prefix(cfg, (self.num_slots(cfg), d_e), ke),  # MLP_KEYS
                 "mlp_in": {"kernel": _uniform(k1, (d_e, m), d_e), "bias": _uniform(k2, (m,), d_e)},
                 "mlp_out": {"kernel": _uniform(k3, (m, out), m), "bias": _uniform(k4, (out,), m)}}, {}
 
@@ -148,7 +151,9 @@ class PrefixTuning(PrefixMethod):
             return cfg, trainable, extras
         modules = merge_paths(trainable["modules"],
                               self.expand(cfg, sites, trainable["shared"], extras.get("shared", {})))
-        return (dataclasses.replace(cfg, prefix_projection=False), dict(trainable, modules=modules, shared={}),
+        # the MLP's own variables go; any other shared entry (a wrapper's, e.g. IMSM's gate) stays
+        shared = {k: v for k, v in trainable["shared"].items() if k not in MLP_KEYS}
+        return (dataclasses.replace(cfg, prefix_projection=False), dict(trainable, modules=modules, shared=shared),
                 dict(extras, shared={}))
 
     # ---- forward ------------------------------------------------------------------------------------

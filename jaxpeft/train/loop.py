@@ -19,25 +19,37 @@ from jaxpeft.train.config import OptimSection
 from jaxpeft.train.tasks import Task
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int, post_clip: bool = False) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimSection, total_steps: int, post_clip: bool = False,
+                   group_lrs: dict[str, float] | None = None, labels: Callable[[Any], Any] | None = None
+                   ) -> optax.GradientTransformation:
     """Warmup + constant/linear/cosine schedule; AdamW or Adafactor; global-norm clipping first.
 
     post_clip: the update also takes `post_clip_grads=` (a tree like the params), added to the gradient after
     clipping and before the optimizer (SORSA's regulariser); the optimizer state then has one more (empty) entry.
+    group_lrs / labels: parameter groups with their own peak lr (e.g. IMSM's gate): labels(params) gives each
+    leaf a key of group_lrs; every group has the same schedule shape and clipping stays global.
     """
     warm = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warm, 1)
-    if cfg.schedule == "constant":
-        after = optax.constant_schedule(cfg.lr)
-    elif cfg.schedule == "linear":
-        after = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+
+    def optimizer(peak: float) -> optax.GradientTransformation:
+        if cfg.schedule == "constant":
+            after = optax.constant_schedule(peak)
+        elif cfg.schedule == "linear":
+            after = optax.linear_schedule(peak, 0.0, decay_steps)
+        else:
+            after = optax.cosine_decay_schedule(peak, decay_steps)
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm]) if warm else after
+        if cfg.optimizer == "adamw":
+            return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+        return optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
+
+    if group_lrs and len(group_lrs) > 1:
+        if labels is None:
+            raise ValueError("group_lrs needs labels(params) naming each leaf's group")
+        opt = optax.partition({name: optimizer(lr) for name, lr in group_lrs.items()}, labels)
     else:
-        after = optax.cosine_decay_schedule(cfg.lr, decay_steps)
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm]) if warm else after
-    if cfg.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-    else:
-        opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
+        opt = optimizer(cfg.lr)
     parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []) + (
         [add_post_clip_grads()] if post_clip else []) + [opt]
     return optax.chain(*parts) if len(parts) > 1 else opt

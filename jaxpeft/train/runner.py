@@ -336,7 +336,9 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
 
 def _optimizer(ctx: _Context) -> Any:
     """The run's optax transformation (with the post-clip slot when a method needs it, e.g. SORSA)."""
-    return make_optimizer(ctx.cfg.optim, ctx.cfg.train.steps, post_clip=ctx.model.has_regularizer("post_clip"))
+    groups = ctx.model.lr_groups(ctx.cfg.optim.lr)
+    return make_optimizer(ctx.cfg.optim, ctx.cfg.train.steps, post_clip=ctx.model.has_regularizer("post_clip"),
+                          group_lrs=groups, labels=ctx.model.param_labels if len(groups) > 1 else None)
 
 
 def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
