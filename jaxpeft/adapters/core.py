@@ -279,7 +279,7 @@ class AdaptedModel:
     def apply(self, frozen: Mapping[str, Any], state: AdapterState | None, *args: Any,
               active: str | Sequence[str] | None = ALL, adapter_index: jax.Array | None = None,
               deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None,
-              method: Any = None, capture: bool = False, **kwargs: Any) -> Any:
+              method: Any = None, capture: bool = False, siamese_form: str | None = None, **kwargs: Any) -> Any:
         """Run the model with adapters.
 
         active: ALL (every adapter in `state`), a name, a tuple of names (their deltas add up, as PEFT does
@@ -288,6 +288,9 @@ class AdaptedModel:
             rows of one batch use different adapters without copying the base (a prefix adapter's entries are
             hidden from, and its position shift not applied to, the rows that do not use it).
         capture: also return the probe values methods record (e.g. APT's gates): (output, {'probes': tree}).
+        siamese_form: for a wrapper that runs two streams (IMSM): 'separate' (two calls; training: only the
+            adapter's stream has a backward) or 'doubled' (one batch of 2B rows, the base rows with adapter index -1;
+            decoding: the weights are read once). Default: the cache's form when decoding, else 'separate'.
         Prefix adapters with a position offset shift the model's default positions (`position_offset_b`);
         decoding with a cache takes the shift from the cache (`init_cache`).
         """
@@ -295,7 +298,7 @@ class AdaptedModel:
         wrapped = [self.spec(n) for n in names if self.spec(n).wrapper is not None]
         if wrapped:
             return self._apply_siamese(frozen, state, wrapped[0], names, args, adapter_index, deterministic, rngs,
-                                       method, capture, kwargs)
+                                       method, capture, kwargs, siamese_form)
         return self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, method, capture,
                                  kwargs)
 
@@ -331,7 +334,7 @@ class AdaptedModel:
             return self.module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kw)
 
     def _apply_siamese(self, frozen, state, spec, names, args, adapter_index, deterministic, rngs, method, capture,
-                       kwargs):
+                       kwargs, form):
         """IMSM: the base stream (W0 exactly: no adapter, no dropout, no gradient) and the inner adapter's stream
         read the same frozen tree; the gate mixes their final hidden states before the frozen head."""
         from jaxpeft.adapters.imsm import GATE_KEY, IMSMCache, gate_dropout, gate_values, mix, query_mean
@@ -349,15 +352,9 @@ class AdaptedModel:
         mask = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
         prompt = kwargs.get("prompt_mask_bt")
         query_bt = mask if prompt is None else mask & prompt.astype(bool)
-        if cache is not None:
-            kwargs_b, kwargs_t = dict(kwargs, cache=cache.base), dict(kwargs, cache=cache.tuned)
-        else:
-            kwargs_b = kwargs_t = kwargs
-        h_base, c_base = self._apply_plain(frozen, None, (), args, None, True, None, "hidden_states", False, kwargs_b)
-        h_base = jax.lax.stop_gradient(h_base)
-        tuned = self._apply_plain(frozen, state, names, args, None, deterministic, rngs, "hidden_states", capture,
-                                  kwargs_t)
-        (h_tuned, c_tuned), probes = tuned if capture else (tuned, None)
+        form = form or ("doubled" if cache is not None and cache.base is None else "separate")
+        h_base, h_tuned, c_base, c_tuned, probes = self._siamese_streams(frozen, state, names, args, kwargs, cache,
+                                                                         deterministic, rngs, capture, form)
         q_base, q_tuned = query_mean(h_base, query_bt), query_mean(h_tuned, query_bt)
         if cache is not None:  # the query means come from the prompt at prefill, then stay
             keep = cache.q_valid_b[:, None]
@@ -382,6 +379,39 @@ class AdaptedModel:
             return out, probes
         return out
 
+    def _siamese_streams(self, frozen, state, names, args, kwargs, cache, deterministic, rngs, capture, form):
+        """(h_base (B, T, D) without gradient, h_tuned, base cache, tuned cache, probes) in either form."""
+        if form == "separate":
+            if cache is not None and cache.base is None:
+                raise ValueError("this decode state holds one doubled cache: decode with siamese_form='doubled'")
+            kw_b = kwargs if cache is None else dict(kwargs, cache=cache.base)
+            kw_t = kwargs if cache is None else dict(kwargs, cache=cache.tuned)
+            h_base, c_base = self._apply_plain(frozen, None, (), args, None, True, None, "hidden_states", False, kw_b)
+            out = self._apply_plain(frozen, state, names, args, None, deterministic, rngs, "hidden_states", capture,
+                                    kw_t)
+            (h_tuned, c_tuned), probes = out if capture else (out, None)
+            return jax.lax.stop_gradient(h_base), h_tuned, c_base, c_tuned, probes
+        if form != "doubled":
+            raise ValueError(f"siamese_form={form!r}: 'separate' or 'doubled'")
+        if not deterministic:
+            raise ValueError("siamese_form='doubled' runs both streams in one batch, so dropout would reach the base "
+                             "stream: use it with deterministic=True (decoding), 'separate' for training")
+        if cache is not None and cache.base is not None:
+            raise ValueError("this decode state holds two caches: decode with siamese_form='separate'")
+        b = args[0].shape[0]
+
+        def twice(x):
+            return jnp.concatenate([x, x], axis=0) if hasattr(x, "shape") and x.shape[:1] == (b,) else x
+
+        kw = {k: twice(v) for k, v in kwargs.items()}
+        if cache is not None:
+            kw["cache"] = cache.tuned
+        index = jnp.concatenate([jnp.full((b,), -1, jnp.int32), jnp.zeros((b,), jnp.int32)])
+        out = self._apply_plain(frozen, state, names, tuple(twice(a) for a in args), index, True, rngs,
+                                "hidden_states", capture, kw)
+        (h, c), probes = out if capture else (out, None)
+        return jax.lax.stop_gradient(h[:b]), h[b:], None, c, probes
+
     def position_offsets(self, names: Sequence[str], adapter_index: jax.Array | None, batch: int | None
                          ) -> jax.Array | None:
         """(B,) int32 position shift of each row from the active prefix adapters (None when all shifts are 0)."""
@@ -403,7 +433,7 @@ class AdaptedModel:
         return total
 
     def init_cache(self, state: AdapterState | None, batch: int, max_len: int, *, active: str | Sequence[str] | None = ALL,
-                   adapter_index: jax.Array | None = None, dtype: Any = None) -> KVCache:
+                   adapter_index: jax.Array | None = None, dtype: Any = None, siamese_form: str = "doubled") -> Any:
         """An empty KV cache for decoding with these adapters: the active prefix adapters' slots reserved before
         the tokens (written once at prefill) and each row's first position shifted by its position offset."""
         cfg = self.model_cfg
@@ -416,11 +446,17 @@ class AdaptedModel:
         tuned = KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype,
                              prefix_slots=self._slots(names),
                              position_offset_b=self.position_offsets(names, adapter_index, batch))
-        if any(self.spec(n).wrapper is not None for n in names):  # IMSM: both streams' caches, the query means
+        if any(self.spec(n).wrapper is not None for n in names):  # IMSM: the streams' caches, the query means
             from jaxpeft.adapters.imsm import IMSMCache
 
-            base = KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
             zeros = jnp.zeros((batch, cfg.hidden_size), jnp.float32)
+            if siamese_form == "doubled":  # one cache of 2B rows: base rows (adapter index -1), then tuned rows
+                index = jnp.concatenate([jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32)])
+                both = KVCache.init(cfg.num_layers, 2 * batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                    prefix_slots=self._slots(names),
+                                    position_offset_b=self.position_offsets(names, index, 2 * batch))
+                return IMSMCache(None, both, zeros, zeros, jnp.zeros((batch,), bool))
+            base = KVCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
             return IMSMCache(base, tuned, zeros, zeros, jnp.zeros((batch,), bool))
         return tuned
 

@@ -76,6 +76,19 @@ def test_learned_gate_mixes_both_streams_and_dropout_needs_a_key():
     assert np.abs(np.asarray(a.logits) - np.asarray(out.logits)).max() > 1e-4
 
 
+@pytest.mark.parametrize("inner", ["lora", "apt"])
+def test_doubled_batch_pass_equals_two_separate_passes(inner):
+    tiny = hf_tiny.load("llama", "causal_lm")
+    ids, mask, jkw, _ = af.inputs(tiny)
+    am, st = _model(tiny, IMSMConfig(inner=INNERS[inner]))
+    two = am.apply(tiny.params, st, ids, mask, siamese_form="separate", **jkw)
+    one = am.apply(tiny.params, st, ids, mask, siamese_form="doubled", **jkw)
+    assert_close(np.asarray(one.logits), np.asarray(two.logits), mask, max_abs=1e-5, what=f"IMSM({inner}) doubled")
+    with pytest.raises(ValueError, match="deterministic=True"):
+        am.apply(tiny.params, st, ids, mask, siamese_form="doubled", deterministic=False,
+                 rngs={"dropout": jax.random.key(0)}, **jkw)
+
+
 def test_cached_generation_equals_uncached_greedy_on_left_padded_prompts():
     from jaxpeft.train.loop import generate_with_adapter
 
@@ -84,7 +97,14 @@ def test_cached_generation_equals_uncached_greedy_on_left_padded_prompts():
     prompts = [[5, 9, 13, 7, 21], [8, 4], [17, 3, 30]]
     new = 5
     got = generate_with_adapter(am, tiny.params, st, prompts, max_new_tokens=new, eos_token_ids=[], pad_token_id=0,
-                                batch_size=4)
+                                batch_size=4)  # the default decode state: one doubled cache
+    import dataclasses
+
+    separate = dataclasses.replace(am)  # a distinct (equal) model object: its own compiled decode
+    original = separate.init_cache
+    object.__setattr__(separate, "init_cache", lambda *a, **k: original(*a, **dict(k, siamese_form="separate")))
+    assert generate_with_adapter(separate, tiny.params, st, prompts, max_new_tokens=new, eos_token_ids=[],
+                                 pad_token_id=0, batch_size=4) == got
     for prompt, out in zip(prompts, got):
         seq = list(prompt)
         for _ in range(new):  # uncached: the whole sequence each step, the query = the prompt tokens
