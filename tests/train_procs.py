@@ -126,3 +126,16 @@ def assert_bit_exact_resume(run_a: Path, run_b: Path, pair: dict, steps: int, ki
         if rec["split"] == "train":
             assert rec["loss"] == losses_a[rec["step"]], rec
     assert evals(run_b) == evals(run_a)
+
+
+def cli(args) -> tuple[int, str, str]:
+    """`jaxpeft ARGS` in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from jaxpeft.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()

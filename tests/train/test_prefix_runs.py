@@ -16,8 +16,6 @@ The runs are module-scoped and shared between tests: the whole module trains six
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import random
@@ -44,28 +42,6 @@ APT_STEPS = 80
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def _cli(args) -> tuple[int, str, str]:
-    """`jaxpeft ARGS` in-process: (exit code, stdout, stderr)."""
-    from jaxpeft.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 def _assert_same_metrics(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
@@ -137,10 +113,10 @@ def pt2_star_run(apt_bert_run) -> dict:
     `jaxpeft export pt2star.yaml` of the P-tuning v2 run's latest checkpoint."""
     root = apt_bert_run["root"]
     out_cfg = root / "pt2star.yaml"
-    rc, stdout, stderr = _cli(["apt-to-pt2", apt_bert_run["run_dir"], "--out", out_cfg, "--output-dir",
+    rc, stdout, stderr = tp.cli(["apt-to-pt2", apt_bert_run["run_dir"], "--out", out_cfg, "--output-dir",
                                root / "pt2star", "--set", "train.steps=2", "--set", "train.log_every=1", "--train"])
     assert rc == 0, stderr[-3000:]
-    export = _cli(["export", out_cfg, "--out", root / "exported"])
+    export = tp.cli(["export", out_cfg, "--out", root / "exported"])
     return dict(stdout=stdout, out_cfg=out_cfg, run_dir=root / "pt2star", export=export,
                 exported=root / "exported")
 
@@ -303,7 +279,7 @@ def test_generate_cli_with_prefix_adapter_matches_generate_with_adapter(prefix_l
     args = ["generate", tiny_llama_dir, "--adapter", adapter, "--max-new-tokens", GEN_NEW_TOKENS]
     for p in GEN_PROMPTS:
         args += ["--prompt", p]
-    rc, stdout, stderr = _cli(args)
+    rc, stdout, stderr = tp.cli(args)
     assert rc == 0, stderr[-3000:]
 
     pre = load_pretrained(tiny_llama_dir)
@@ -320,7 +296,7 @@ def test_generate_cli_with_prefix_adapter_matches_generate_with_adapter(prefix_l
 def test_generate_cli_refuses_to_merge_a_prefix_adapter_without_traceback(prefix_llama_run, tiny_llama_dir):
     adapter = prefix_llama_run["result"].adapter_dir
     # in-process: an exception escaping `main` (what prints a traceback) would fail this call itself
-    rc, stdout, stderr = _cli(["generate", tiny_llama_dir, "--prompt", "Hi", "--adapter", adapter, "--merge",
+    rc, stdout, stderr = tp.cli(["generate", tiny_llama_dir, "--prompt", "Hi", "--adapter", adapter, "--merge",
                                "--max-new-tokens", 2])
     assert rc != 0
     assert stderr.startswith("error: ") and "cannot be merged" in stderr and "prefix" in stderr, stderr
