@@ -279,7 +279,8 @@ class AdaptedModel:
     def apply(self, frozen: Mapping[str, Any], state: AdapterState | None, *args: Any,
               active: str | Sequence[str] | None = ALL, adapter_index: jax.Array | None = None,
               deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None,
-              method: Any = None, capture: bool = False, siamese_form: str | None = None, **kwargs: Any) -> Any:
+              method: Any = None, capture: bool = False, siamese_form: str | None = None,
+              head_positions_bk: jax.Array | None = None, **kwargs: Any) -> Any:
         """Run the model with adapters.
 
         active: ALL (every adapter in `state`), a name, a tuple of names (their deltas add up, as PEFT does
@@ -291,6 +292,8 @@ class AdaptedModel:
         siamese_form: for a wrapper that runs two streams (IMSM): 'separate' (two calls; training: only the
             adapter's stream has a backward) or 'doubled' (one batch of 2B rows, the base rows with adapter index -1;
             decoding: the weights are read once). Default: the cache's form when decoding, else 'separate'.
+        head_positions_bk: (B, K) int positions: the head runs only there (logits (B, K, V)), e.g. the positions a
+            causal-LM loss scores, instead of full-vocabulary logits at every position (decoders only).
         Prefix adapters with a position offset shift the model's default positions (`position_offset_b`);
         decoding with a cache takes the shift from the cache (`init_cache`).
         """
@@ -298,9 +301,28 @@ class AdaptedModel:
         wrapped = [self.spec(n) for n in names if self.spec(n).wrapper is not None]
         if wrapped:
             return self._apply_siamese(frozen, state, wrapped[0], names, args, adapter_index, deterministic, rngs,
-                                       method, capture, kwargs, siamese_form)
-        return self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, method, capture,
-                                 kwargs)
+                                       method, capture, kwargs, siamese_form, head_positions_bk)
+        if head_positions_bk is None:
+            return self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, method, capture,
+                                     kwargs)
+        if method not in (None, "__call__") or self.model_cfg is None or not self.model_cfg.is_decoder:
+            raise ValueError("head_positions_bk: a gathered head needs a jaxpeft decoder backbone run whole")
+        out = self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, "hidden_states",
+                                capture, kwargs)
+        (h, cache), probes = out if capture else (out, None)
+        logits = self._gathered_head(frozen, state, names, h, head_positions_bk)
+        from jaxpeft.models.outputs import ModelOutput
+
+        result = ModelOutput(logits=logits, hidden=h, cache=cache)
+        return (result, probes) if capture else result
+
+    def _gathered_head(self, frozen, state, names, h_btd, positions_bk):
+        """The head on the hidden states at positions_bk: (B, K, V) float32 (modules_to_save heads included)."""
+        params = dict(frozen)
+        for n in names:
+            params.update((state["trainable"][n].get("saved") or {}) if state else {})
+        h_bkd = jnp.take_along_axis(h_btd, positions_bk[..., None].astype(jnp.int32), axis=1)
+        return self.module.apply({"params": params}, h_bkd, jnp.ones(positions_bk.shape, bool), method="head")
 
     def _apply_plain(self, frozen, state, names, args, adapter_index, deterministic, rngs, method, capture, kwargs):
         """apply() of adapters that intercept layers (a wrapper's inner method included)."""
@@ -334,7 +356,7 @@ class AdaptedModel:
             return self.module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kw)
 
     def _apply_siamese(self, frozen, state, spec, names, args, adapter_index, deterministic, rngs, method, capture,
-                       kwargs, form):
+                       kwargs, form, head_positions_bk=None):
         """IMSM: the base stream (W0 exactly: no adapter, no dropout, no gradient) and the inner adapter's stream
         read the same frozen tree; the gate mixes their final hidden states before the frozen head."""
         from jaxpeft.adapters.imsm import GATE_KEY, IMSMCache, gate_dropout, gate_values, mix, query_mean
@@ -360,6 +382,10 @@ class AdaptedModel:
             keep = cache.q_valid_b[:, None]
             q_base = jnp.where(keep, cache.q_base_bd, q_base)
             q_tuned = jnp.where(keep, cache.q_tuned_bd, q_tuned)
+        if head_positions_bk is not None:  # the gate and the head only where the logits are needed
+            idx = head_positions_bk[..., None].astype(jnp.int32)
+            h_base, h_tuned = (jnp.take_along_axis(x, idx, axis=1) for x in (h_base, h_tuned))
+            mask = jnp.ones(head_positions_bk.shape, bool)
         drop = gate_dropout(cfg, deterministic, None if rngs is None else rngs.get("dropout"))
         gate = state["trainable"][spec.name]["shared"].get(GATE_KEY, {})
         g = gate_values(cfg, gate, h_base, h_tuned, q_base, q_tuned, drop)

@@ -85,7 +85,8 @@ def init_optimizer_state(model: AdaptedModel, tx: optax.GradientTransformation, 
 
 
 def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransformation, grad_accum: int,
-                    seed: int, peak_lr: float | None = None, total_steps: int | None = None) -> Callable:
+                    seed: int, peak_lr: float | None = None, total_steps: int | None = None,
+                    head_tokens: int | None = None) -> Callable:
     """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, terms).
 
     The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the task gradient is the
@@ -97,6 +98,8 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
     there is one), float32 scalars. A non-finite loss or gradient returns the inputs unchanged and loss = NaN.
     Training hooks (AdaLoRA) run after the update on the step's gradients (before clipping); opt_state then comes
     from `init_optimizer_state`, and total_steps is the run's length.
+    head_tokens: K, run the head only at the K positions each row's loss scores (`gathered_head_tokens`), not
+    full-vocabulary logits at every position (causal LM); None: the full head.
     """
     post_clip = model.has_regularizer("post_clip")
     hooked = model.has_train_hooks()
@@ -107,8 +110,14 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
 
     def loss_fn(trainable, frozen, extras, mb, rng):
         state = {"trainable": trainable, "extras": extras}
+        kw = task.model_inputs(mb)
+        if head_tokens:
+            positions = task.scored_positions(mb, head_tokens)
+            out = model.apply(frozen, state, mb["input_ids"], mb["attention_mask"], deterministic=False,
+                              rngs={"dropout": rng}, head_positions_bk=positions, **kw)
+            return task.gathered_loss(out, mb, positions)
         out = model.apply(frozen, state, mb["input_ids"], mb["attention_mask"], deterministic=False,
-                          rngs={"dropout": rng}, **task.model_inputs(mb))
+                          rngs={"dropout": rng}, **kw)
         return task.loss(out, mb)
 
     def reg_fn(trainable, extras, placement, lr):
@@ -155,6 +164,15 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), terms
 
     return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+def gathered_head_tokens(examples: Sequence[dict[str, Any]], multiple: int = 8) -> int | None:
+    """K for a gathered head: the most scored tokens of any example (loss_mask), rounded up to a multiple (few
+    distinct shapes); None when the examples carry no loss mask (classification)."""
+    counts = [int(sum(e["loss_mask"][1:])) for e in examples if "loss_mask" in e]
+    if not counts:
+        return None
+    return max(multiple, -(-max(counts) // multiple) * multiple)
 
 
 def make_regularizer(model: AdaptedModel) -> Callable:

@@ -24,8 +24,8 @@ from jaxpeft.adapters.partition import trainable_parameters_line
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
-from jaxpeft.train.loop import (generate_with_adapter, init_optimizer_state, iterate_losses, make_eval_loss,
-                                make_optimizer, make_regularizer, make_train_step)
+from jaxpeft.train.loop import (gathered_head_tokens, generate_with_adapter, init_optimizer_state, iterate_losses,
+                                make_eval_loss, make_optimizer, make_regularizer, make_train_step)
 from jaxpeft.train.probes import gate_report, has_gates
 from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
 
@@ -251,8 +251,10 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
         result.metrics_before = _evaluate(ctx, trainable)
         logger.log(0, result.metrics_before, split="eval")
         say(f"before training: {_fmt(result.metrics_before)}")
+    # causal LM: the head runs only on the positions the loss scores (no full-vocabulary logits elsewhere)
+    head_tokens = gathered_head_tokens(train_examples) if cfg.model.task == "causal_lm" else None
     step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed, peak_lr=cfg.optim.lr,
-                              total_steps=cfg.train.steps)
+                              total_steps=cfg.train.steps, head_tokens=head_tokens)
     extras = ctx.state["extras"]
     last_eval: dict[str, float] = {}
     has_reg = ctx.model.has_regularizer("loss") or ctx.model.has_regularizer("post_clip")

@@ -100,6 +100,23 @@ class CausalLMTask(Task):
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
         return jnp.sum(nll * mask), jnp.sum(mask)
 
+    def scored_positions(self, batch: dict[str, Any], k: int) -> jax.Array:
+        """(B, K) positions whose logits the loss needs (position p predicts token p + 1), scored ones first in
+        order; rows with fewer than K fill up with unscored positions (weight 0 in `gathered_loss`)."""
+        scored = jnp.asarray(batch["loss_mask"])[:, 1:] > 0
+        order = jnp.argsort(~scored, axis=1, stable=True)  # scored positions first, each group in position order
+        return order[:, :k].astype(jnp.int32)
+
+    def gathered_loss(self, out, batch: dict[str, Any], positions_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`loss` from logits (B, K, V) computed only at positions_bk (see AdaptedModel.apply head_positions_bk);
+        equal to the full loss when every scored position is among them."""
+        logits = out.logits.astype(jnp.float32)
+        targets = jnp.take_along_axis(jnp.asarray(batch["input_ids"])[:, 1:], positions_bk, axis=1)
+        weights = jnp.take_along_axis(jnp.asarray(batch["loss_mask"])[:, 1:], positions_bk, axis=1)
+        mask = weights * jnp.asarray(batch["example_weight"])[:, None]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * mask), jnp.sum(mask)
+
     def references(self, row: dict[str, Any]) -> list[str]:
         refs = row.get("references") or [row[self.cfg.data.response_field]]
         return [str(r) for r in refs]

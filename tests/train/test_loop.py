@@ -365,3 +365,26 @@ def test_sorsa_regularizer_gradient_joins_after_clipping_scaled_by_gamma_over_pe
         ref_params = optax.apply_updates(ref_params, updates)
     assert max_diff(params, ref_params) < 1e-5
     assert max_diff(params, trainable) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ gathered head
+
+@pytest.mark.parametrize("wrap_imsm", [False, True], ids=["lora", "imsm"])
+def test_gathered_head_gives_the_full_head_loss_and_gradient(nodrop, wrap_imsm):
+    """The head only at the K scored positions: the same loss and gradient as full logits (K from the examples)."""
+    from jaxpeft.adapters import IMSMConfig
+    from jaxpeft.train.loop import gathered_head_tokens
+
+    model, task, trainable, extras, frozen, batch = nodrop
+    if wrap_imsm:
+        model = AdaptedModel.wrap(model.module).add("default", IMSMConfig(
+            inner=model.spec("default").config, gate_dropout=0.0))
+        state = model.init(jax.random.key(0), frozen)
+        trainable, extras = state["trainable"], state["extras"]
+    k = gathered_head_tokens(encode_rows(task, ROWS))
+    assert k == 24  # "a much longer answer" + EOS: 21 scored tokens, rounded up to 8s
+    steps = {kk: make_train_step(model, task, TX, 2, seed=0, head_tokens=kk) for kk in (None, k)}
+    out = {kk: fn(copy(trainable), TX.init(trainable), frozen, extras, batch, np.int32(0)) for kk, fn in steps.items()}
+    assert abs(float(out[None][2]["loss"]) - float(out[k][2]["loss"])) < 1e-5
+    assert max_diff(out[None][0], out[k][0]) < 1e-5
+    assert max_diff(out[None][0], trainable) > 1e-3  # the step moved the weights: the comparison means something
