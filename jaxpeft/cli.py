@@ -108,7 +108,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from jaxpeft.train.runner import evaluate
 
     try:
-        metrics = evaluate(args.config, args.set, adapter=args.adapter, step=args.step)
+        metrics = evaluate(args.config, args.set, adapter=args.adapter, step=args.step,
+                           compare_base=args.compare_base)
     except _errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = with_config(sub.add_parser("eval", help="evaluate a run's adapter on the config's evaluation split"))
     e.add_argument("--adapter", default=None, help="an adapter folder, HF PEFT or jaxpeft format (default: the run's latest checkpoint)")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    e.add_argument("--compare-base", action="store_true",
+                   help="also evaluate the base model alone (base_* metrics): with --set data.path=<another task> "
+                        "this measures forgetting")
     e.set_defaults(func=_cmd_eval)
     x = with_config(sub.add_parser("export", help="write a run checkpoint as an adapter folder (HF PEFT format when PEFT has the method, else the jaxpeft format)"))
     x.add_argument("--out", required=True)

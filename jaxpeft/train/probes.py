@@ -1,5 +1,5 @@
 """Probes of trained adapters: APT's gates as a diagnostic (per-layer statistics, a heatmap) and as a guide
-(per-layer prefix lengths for P-tuning v2, the paper's PT-2*).
+(per-layer prefix lengths for P-tuning v2, the paper's PT-2*); IMSM's gate (histograms on prompt and response).
 
 Imports jax/numpy, jaxpeft.adapters and sibling train modules; matplotlib only when drawing (Agg canvas).
 Gate values come from the model's own forward (`AdaptedModel.apply(capture=True)`: the method records them
@@ -131,3 +131,85 @@ def prefix_lengths_from_gates(stats: Mapping[str, Any], max_length: int | None =
     if eff.max() <= 0:
         return (top,) * len(eff)
     return tuple(int(max(min_length, round(top * e / eff.max()))) for e in eff)
+
+
+# ---------------------------------------------------------------------------------------------- IMSM's gate
+
+SIAMESE_JSON, SIAMESE_PNG = "imsm_gates.json", "imsm_gates.png"
+_BINS = np.linspace(0.0, 1.0, 51)
+
+
+def has_siamese_gate(model: AdaptedModel) -> bool:
+    """Whether an adapter mixes two streams with a learned gate (IMSM with use_gate)."""
+    return any(s.wrapper is not None and getattr(s.wrapper, "use_gate", False) for s in model.adapters)
+
+
+def siamese_gate_statistics(model: AdaptedModel, frozen: Any, state: Any, batches: Iterable[dict[str, np.ndarray]],
+                            model_inputs: Any = None, name: str = "default") -> dict[str, Any]:
+    """Histograms (50 bins on [0, 1]) of the gate g (the base stream's weight, per position and dimension) over
+    the real tokens of `batches`, apart for prompt and response positions (teacher forcing), with mean and std."""
+    def probe(state, batch):
+        extra = model_inputs(batch) if model_inputs is not None else {}
+        _, captured = model.apply(frozen, state, batch["input_ids"], batch["attention_mask"], active=name,
+                                  capture=True, **extra)
+        return captured["probes"][f"{name}:gate"], extra.get("prompt_mask_bt")
+
+    fn = jax.jit(probe)
+    acc = {part: {"counts": np.zeros(len(_BINS) - 1, np.int64), "sum": 0.0, "sq": 0.0, "n": 0}
+           for part in ("prompt", "response")}
+    for batch in batches:
+        g, prompt = fn(state, batch)
+        g = np.asarray(g, np.float64)  # (B, T, D)
+        real = np.asarray(batch["attention_mask"]) > 0
+        real &= (np.asarray(batch.get("example_weight", np.ones(real.shape[0]))) > 0)[:, None]
+        prompt = np.zeros_like(real) if prompt is None else np.asarray(prompt, bool)
+        for part, where in (("prompt", real & prompt), ("response", real & ~prompt)):
+            vals = g[where].reshape(-1)
+            a = acc[part]
+            a["counts"] += np.histogram(vals, _BINS)[0]
+            a["sum"] += float(vals.sum())
+            a["sq"] += float((vals ** 2).sum())
+            a["n"] += vals.size
+    out: dict[str, Any] = {"bins": _BINS.tolist()}
+    for part, a in acc.items():
+        mean = a["sum"] / max(a["n"], 1)
+        out[part] = {"counts": a["counts"].tolist(), "values": a["n"], "mean": mean,
+                     "std": float(np.sqrt(max(a["sq"] / max(a["n"], 1) - mean ** 2, 0.0)))}
+    return out
+
+
+def write_siamese_gate_report(stats: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """imsm_gates.json and imsm_gates.png (the gate's histogram on prompt and on response positions)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SIAMESE_JSON).write_text(json.dumps(dict(stats), indent=2) + "\n")
+    fig = Figure(figsize=(7, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bins = np.asarray(stats["bins"])
+    for part in ("prompt", "response"):
+        counts = np.asarray(stats[part]["counts"], np.float64)
+        if counts.sum():
+            ax.stairs(counts / counts.sum(), bins, label=f"{part} (mean {stats[part]['mean']:.3f})")
+    ax.set_xlabel("gate g (weight of the base model's hidden state)")
+    ax.set_ylabel("fraction of values")
+    ax.set_title("IMSM gate on the evaluation split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / SIAMESE_PNG, dpi=100)
+    return {"json": out / SIAMESE_JSON, "png": out / SIAMESE_PNG}
+
+
+def siamese_gate_report(ctx: Any, trainable: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """IMSM gate statistics of a run's adapter on its evaluation split, written into the run directory."""
+    from jaxpeft.train.data import eval_batches
+
+    pad = ctx.pretrained.tokenizer.pad_token_id or 0
+    state = {"trainable": trainable, "extras": ctx.state["extras"]}
+    batches = eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    name = next(s.name for s in ctx.model.adapters if s.wrapper is not None)
+    stats = siamese_gate_statistics(ctx.model, ctx.pretrained.params, state, batches, ctx.task.model_inputs, name)
+    return write_siamese_gate_report(stats, out_dir)

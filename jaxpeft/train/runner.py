@@ -26,7 +26,7 @@ from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_confi
 from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
 from jaxpeft.train.loop import (gathered_head_tokens, generate_with_adapter, init_optimizer_state, iterate_losses,
                                 make_eval_loss, make_optimizer, make_regularizer, make_train_step)
-from jaxpeft.train.probes import gate_report, has_gates
+from jaxpeft.train.probes import gate_report, has_gates, has_siamese_gate, siamese_gate_report
 from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
 
 ADAPTER_NAME = "default"
@@ -306,6 +306,9 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     _, fmt = save_any(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
                       base_model_name_or_path=cfg.model.checkpoint)
     say(f"adapter ({'Hugging Face PEFT' if fmt == 'peft' else 'jaxpeft'} format): {result.adapter_dir}")
+    if has_siamese_gate(ctx.model):
+        report = siamese_gate_report(ctx, trainable, out)
+        say(f"IMSM gate histogram: {report['png']} ({report['json']})")
     if has_gates(ctx.model):
         report = gate_report(ctx, trainable, out)
         say(f"gate statistics: {report['json']} and heatmap {report['png']}")
@@ -319,11 +322,16 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
 
 
 def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] = (), *,
-             adapter: str | None = None, step: int | None = None) -> dict[str, float]:
+             adapter: str | None = None, step: int | None = None, compare_base: bool = False) -> dict[str, float]:
     """Evaluate a trained adapter: from an adapter folder (`adapter`: HF PEFT or jaxpeft format) or the run's
-    checkpoint (`step`, default latest)."""
+    checkpoint (`step`, default latest).
+
+    compare_base: also evaluate the base model alone on the same split ('base_<metric>' keys): point the config
+    (e.g. `--set data.path=...`) at a second, held-out task to measure forgetting next to the base.
+    """
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     ctx = _context(cfg)
+    base = _evaluate_base(ctx) if compare_base else {}
     if adapter is not None:
         model, state = load_any(AdaptedModel.wrap(ctx.pretrained.module), ctx.pretrained.params, adapter,
                                 name=ADAPTER_NAME)
@@ -333,7 +341,15 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
         ctx.reg_fn = make_regularizer(model) if model.has_regularizer("loss") else None
     else:
         trainable = _restore_checkpoint(ctx, step)
-    return _evaluate(ctx, trainable)
+    return {**_evaluate(ctx, trainable), **base}
+
+
+def _evaluate_base(ctx: _Context) -> dict[str, float]:
+    """The base model's metrics on the context's evaluation split, keys prefixed 'base_' (ctx is left as is)."""
+    model = AdaptedModel.wrap(ctx.pretrained.module)
+    base = dataclasses.replace(ctx, model=model, state={"trainable": {}, "extras": {}},
+                               eval_loss_fn=make_eval_loss(model, ctx.task), reg_fn=None)
+    return {f"base_{k}": v for k, v in _evaluate(base, {}).items()}
 
 
 def _optimizer(ctx: _Context) -> Any:

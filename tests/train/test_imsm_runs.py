@@ -90,3 +90,34 @@ def test_optimizer_groups_give_the_gate_its_own_peak_lr(tiny_llama_dir):
     lora = updates["default"]["modules"]
     assert all(np.allclose(np.asarray(x), -0.1, rtol=1e-3) for x in jax.tree.leaves(gate))
     assert all(np.allclose(np.asarray(x), -0.01, rtol=1e-3) for x in jax.tree.leaves(lora))
+
+
+def test_imsm_run_writes_the_gate_histogram(imsm_run):
+    stats = json.loads((imsm_run.output_dir / "imsm_gates.json").read_text())
+    png = (imsm_run.output_dir / "imsm_gates.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    for part in ("prompt", "response"):
+        assert stats[part]["values"] > 0 and sum(stats[part]["counts"]) == stats[part]["values"]
+        assert 0.0 < stats[part]["mean"] < 1.0
+
+
+def test_eval_compare_base_scores_the_adapter_and_the_base_on_a_probe_task(imsm_run, tiny_llama_dir, tmp_path):
+    """The forgetting probe: the trained adapter and the base model on another task's split (here the eval rows
+    with other numbers), side by side; the base numbers equal an evaluation of an adapter-free model."""
+    rows = [{"prompt": f"What is {a} times 2?\nA:", "response": str(2 * a)} for a in range(8)]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for split in ("train", "validation"):
+        (probe / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = imsm_run.output_dir / "config.yaml"
+    rc, stdout, stderr = tp.cli(["eval", config, "--adapter", imsm_run.adapter_dir, "--compare-base",
+                                 "--set", f"data.path={probe}"])
+    assert rc == 0, stderr[-3000:]
+    got = dict(line.split("=") for line in stdout.split())
+    assert {"eval_loss", "base_eval_loss"} <= set(got)
+    assert float(got["eval_loss"]) != float(got["base_eval_loss"])
+    from jaxpeft.train.runner import _context, _evaluate_base
+    from jaxpeft.train.config import load_config
+
+    ctx = _context(load_config(str(config), [f"data.path={probe}"]))
+    assert f"{_evaluate_base(ctx)['base_eval_loss']:.4f}" == got["base_eval_loss"]
