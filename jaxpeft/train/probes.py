@@ -109,13 +109,18 @@ def write_gate_report(stats: Mapping[str, Any], out_dir: str | os.PathLike) -> d
     return {"json": out / GATES_JSON, "png": out / GATES_PNG}
 
 
-def gate_report(ctx: Any, trainable: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Gate statistics of a run's adapter on its evaluation split, written into the run directory."""
+def _eval_inputs(ctx: Any, trainable: Any) -> tuple[dict[str, Any], Iterable[dict[str, np.ndarray]]]:
+    """(adapter state, evaluation batches) of a run context, for the probes."""
     from jaxpeft.train.data import eval_batches
 
     pad = ctx.pretrained.tokenizer.pad_token_id or 0
     state = {"trainable": trainable, "extras": ctx.state["extras"]}
-    batches = eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    return state, eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+
+
+def gate_report(ctx: Any, trainable: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Gate statistics of a run's adapter on its evaluation split, written into the run directory."""
+    state, batches = _eval_inputs(ctx, trainable)
     name = next(s.name for s in ctx.model.adapters if hasattr(method_for(s.config), "gates"))
     stats = gate_statistics(ctx.model, ctx.pretrained.params, state, batches, ctx.task.model_inputs, name)
     return write_gate_report(stats, out_dir)
@@ -205,11 +210,7 @@ def write_siamese_gate_report(stats: Mapping[str, Any], out_dir: str | os.PathLi
 
 def siamese_gate_report(ctx: Any, trainable: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
     """IMSM gate statistics of a run's adapter on its evaluation split, written into the run directory."""
-    from jaxpeft.train.data import eval_batches
-
-    pad = ctx.pretrained.tokenizer.pad_token_id or 0
-    state = {"trainable": trainable, "extras": ctx.state["extras"]}
-    batches = eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    state, batches = _eval_inputs(ctx, trainable)
     name = next(s.name for s in ctx.model.adapters if s.wrapper is not None)
     stats = siamese_gate_statistics(ctx.model, ctx.pretrained.params, state, batches, ctx.task.model_inputs, name)
     return write_siamese_gate_report(stats, out_dir)
