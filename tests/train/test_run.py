@@ -238,15 +238,16 @@ def _patch_loss_at(monkeypatch, nan_from_step: int | None = None, nan_grads: boo
 
     from jaxpeft.train import loop, tasks
 
-    orig_loss = tasks.CausalLMTask.loss
+    def patched(orig):  # training uses the gathered-head loss, evaluation the full one: patch both
+        def loss(self, out, batch, *rest):
+            s, n = orig(self, out, batch, *rest)
+            if nan_grads:  # 0 * sqrt(0 * x): value 0, gradient 0 * inf = NaN
+                s = s + 0.0 * jnp.sqrt(0.0 * jnp.sum(out.logits))
+            return s, n
+        return loss
 
-    def loss(self, out, batch):
-        s, n = orig_loss(self, out, batch)
-        if nan_grads:  # 0 * sqrt(0 * x): value 0, gradient 0 * inf = NaN
-            s = s + 0.0 * jnp.sqrt(0.0 * jnp.sum(out.logits))
-        return s, n
-
-    monkeypatch.setattr(tasks.CausalLMTask, "loss", loss)
+    monkeypatch.setattr(tasks.CausalLMTask, "loss", patched(tasks.CausalLMTask.loss))
+    monkeypatch.setattr(tasks.CausalLMTask, "gathered_loss", patched(tasks.CausalLMTask.gathered_loss))
     if nan_from_step is not None:
         orig_make = loop.make_train_step
 
