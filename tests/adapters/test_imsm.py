@@ -105,13 +105,17 @@ def test_cached_generation_equals_uncached_greedy_on_left_padded_prompts():
     object.__setattr__(separate, "init_cache", lambda *a, **k: original(*a, **dict(k, siamese_form="separate")))
     assert generate_with_adapter(separate, tiny.params, st, prompts, max_new_tokens=new, eos_token_ids=[],
                                  pad_token_id=0, batch_size=4) == got
+    # uncached: the whole sequence each step (right-padded to one length, so one compile; causal attention keeps
+    # the pads out of the last real position), the query = the prompt tokens
+    width = max(map(len, prompts)) + new
+    full = jax.jit(lambda ids, mask, pm: am.apply(tiny.params, st, ids, mask, prompt_mask_bt=pm).logits)
     for prompt, out in zip(prompts, got):
         seq = list(prompt)
-        for _ in range(new):  # uncached: the whole sequence each step, the query = the prompt tokens
-            ids = jnp.asarray([seq], jnp.int32)
-            pm = jnp.asarray([[i < len(prompt) for i in range(len(seq))]])
-            logits = am.apply(tiny.params, st, ids, jnp.ones_like(ids), prompt_mask_bt=pm).logits
-            seq.append(int(jnp.argmax(logits[0, -1])))
+        for _ in range(new):
+            ids = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)
+            mask = jnp.asarray([[i < len(seq) for i in range(width)]])
+            pm = jnp.asarray([[i < len(prompt) for i in range(width)]])
+            seq.append(int(jnp.argmax(full(ids, mask, pm)[0, len(seq) - 1])))
         assert out == seq[len(prompt):], (prompt, out, seq)
 
 
