@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
-from jaxpeft.adapters.method import DenseMethod, register
+from jaxpeft.adapters.method import DenseMethod, get_path, register
 from jaxpeft.adapters.svd import orthogonality_gap
 
 SCALE_EPS = 1e-5
@@ -157,8 +157,8 @@ class Adalora(DenseMethod):
         # triplet scores (per site: (L, r)) = score(E) + mean score over A's column + over B's row
         scores = {}
         for t in sites:
-            a_s = _get(avg, t.flax_module)
-            u_s = _get(unc, t.flax_module)
+            a_s = get_path(avg, t.flax_module)
+            u_s = get_path(unc, t.flax_module)
             s = {k: a_s[k] * u_s[k] for k in ("lora_A", "lora_E", "lora_B")}
             scores[t.flax_module] = s["lora_E"] + jnp.mean(s["lora_A"], axis=-2) + jnp.mean(s["lora_B"], axis=-1)
         flat = jnp.concatenate([jnp.where(selected[p][..., None], sc, jnp.inf).reshape(-1)
@@ -172,7 +172,7 @@ class Adalora(DenseMethod):
         apply_mask = allocate | (step > end)  # after T - tfinal the stored pattern is re-applied every step
         new_modules = jax.tree.map(lambda x: x, modules)
         for t in sites:
-            node = _get(new_modules, t.flax_module)
+            node = get_path(new_modules, t.flax_module)
             node["lora_E"] = jnp.where(apply_mask & ~new_masks[t.flax_module], 0.0, node["lora_E"])
         reset = step == end  # PEFT resets the importance EMAs after the final allocation
         avg = jax.tree.map(lambda x: jnp.where(reset, 0.0, x), avg)
@@ -186,13 +186,7 @@ class Adalora(DenseMethod):
 
 def _selected(site: Any, extras: dict[str, Any]) -> jax.Array:
     """(L,) bool: the layers this site adapts (layers_to_transform), () for a site without a layer axis."""
-    return _get(extras["modules"], site.flax_module)["layer_mask"] > 0
-
-
-def _get(tree: Any, path: str) -> Any:
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
+    return get_path(extras["modules"], site.flax_module)["layer_mask"] > 0
 
 
 register(Adalora())

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import register
 from jaxpeft.adapters.pissa import ResidualLoRA, sqrt_split
+from jaxpeft.adapters.svd import check_rank
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,7 @@ class Corda(ResidualLoRA):
             raise ValueError("CorDA needs calibration statistics: stats = model.calibrate(frozen, examples, name), "
                              "then model.init(rng, frozen, calibration={name: stats}) (`jaxpeft train` does both)")
         r = options.get("r", cfg.r)
-        n_in, n_out = kernel.shape
-        if r > min(n_in, n_out):
-            raise ValueError(f"CorDA needs r <= min(n_in, n_out): r={r} on a {n_in}x{n_out} weight")
+        check_rank("CorDA", r, kernel)
         fixed, inv = damped_inverse(calibration["covariance"].astype(jnp.float32))
         w_pt = kernel.astype(jnp.float32).T  # (n_out, n_in), PyTorch layout
         u, s, vh = jnp.linalg.svd(w_pt @ fixed, full_matrices=False)

@@ -190,7 +190,7 @@ class AdaptedModel:
         cols = [c for s in site_specs for c in (trainable_collection(s.name), extras_collection(s.name))]
         calib = {calibration_collection(n): v for n, v in (calibration or {}).items()}
         for s in site_specs:
-            if getattr(method_for(s.config), "needs_calibration", False) and calibration_collection(s.name) not in calib:
+            if method_for(s.config).needs_calibration and calibration_collection(s.name) not in calib:
                 raise ValueError(f"adapter {s.name!r} ({s.config.method}) needs calibration statistics: "
                                  f"stats = model.calibrate(frozen, examples, {s.name!r}), then "
                                  f"model.init(rng, frozen, calibration={{{s.name!r}: stats}})")
@@ -241,7 +241,7 @@ class AdaptedModel:
         """
         spec = self.spec(name)
         method = method_for(spec.config)
-        if not getattr(method, "needs_calibration", False):
+        if not method.needs_calibration:
             raise ValueError(f"adapter {name!r} ({spec.config.method}) takes no calibration statistics")
         if not examples:
             raise ValueError(f"calibrate: no examples for adapter {name!r}; pass at least one token sequence")
@@ -271,7 +271,7 @@ class AdaptedModel:
         builds the structure that a saved adapter's arrays then overwrite (loading never re-calibrates)."""
         spec = self.spec(name)
         method = method_for(spec.config)
-        if not getattr(method, "needs_calibration", False):
+        if not method.needs_calibration:
             return None
         return merge_paths({}, {t.flax_module: method.calibration_placeholder(t) for t in spec.targets})
 
@@ -680,7 +680,7 @@ class _Interceptor:
             options = target.options
             if self.init_mode:
                 extra = {}
-                if getattr(method, "needs_calibration", False):
+                if method.needs_calibration:
                     extra["calibration"] = dict(m.variables.get(calibration_collection(spec.name), {}))
                 trainable, extras = method.init(spec.config, options, kernel, bias, m.make_rng("adapter"), **extra)
                 extras = dict(extras, layer_mask=jnp.ones((), jnp.float32),

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
-from jaxpeft.adapters.method import method_for
+from jaxpeft.adapters.method import get_path, method_for
 
 Originals = dict[str, Any]
 """{'/'-joined flax param path: the original leaf} for every leaf merge replaced."""
@@ -37,10 +37,10 @@ def merge(model: AdaptedModel, frozen: Mapping[str, Any], state: AdapterState, n
     merged = _shallow_copy(frozen)
     originals: Originals = {}
     for t in spec.targets:
-        module = _get(merged, t.flax_module)
+        module = get_path(merged, t.flax_module)
         kernel = module["kernel"]
         bias = module.get("bias")
-        tr, ex = _get(dense, t.flax_module), _get(extras, t.flax_module)
+        tr, ex = get_path(dense, t.flax_module), get_path(extras, t.flax_module)
         options = t.options
 
         def one(k, b, tr, ex):
@@ -79,9 +79,3 @@ def _shallow_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Copy the dict structure; array leaves are shared, not copied."""
     return {k: _shallow_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
-
-def _get(tree: Mapping[str, Any], path: str) -> Any:
-    node: Any = tree
-    for p in path.split("/"):
-        node = node[p]
-    return node

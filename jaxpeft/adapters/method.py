@@ -32,6 +32,9 @@ class Method:
     kind: ClassVar[str] = "dense"
     has_peft_format: ClassVar[bool] = True
     """False: `export_peft` refuses it and runs save the documented jaxpeft format instead."""
+    needs_calibration: ClassVar[bool] = False
+    """True: `init` takes `calibration=` (this layer's statistics from `AdaptedModel.calibrate`, e.g. CorDA's input
+    covariance) and the adapter cannot be created without them (dense methods only)."""
 
     def init_shared(self, cfg: AdapterConfig, sites: tuple[Any, ...], rng: jax.Array) -> tuple[Vars, Vars]:
         """(trainable, frozen) shared variables, created once (not per layer)."""
@@ -109,9 +112,6 @@ class DenseMethod(Method):
     """
 
     kind = "dense"
-    needs_calibration: ClassVar[bool] = False
-    """True: `init` takes `calibration=` (this layer's statistics from `AdaptedModel.calibrate`, e.g. CorDA's input
-    covariance) and the adapter cannot be created without them."""
 
     def calibration_stats(self, x: jax.Array) -> Vars:
         """Statistics of one forward's inputs x (1, T, n_in) to one module; `AdaptedModel.calibrate` averages them
@@ -207,6 +207,13 @@ def merge_paths(tree: Any, additions: dict[str, Vars]) -> Any:
             node = node.setdefault(part, {})
         node.update(leaves)
     return out
+
+
+def get_path(tree: Any, path: str) -> Any:
+    """tree['a']['b'] for the '/'-joined module path 'a/b' (KeyError when a part is missing)."""
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
 
 
 METHODS: dict[str, Method] = {}

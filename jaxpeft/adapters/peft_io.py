@@ -21,7 +21,7 @@ import numpy as np
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
 from jaxpeft.loading.fileperm import publish_file
-from jaxpeft.adapters.method import method_for
+from jaxpeft.adapters.method import get_path, merge_paths, method_for
 from jaxpeft.loading.errors import CheckpointError
 from jaxpeft.models.namemap import ARCH_NAMES
 
@@ -110,7 +110,7 @@ def _prefix_sites(model: AdaptedModel, state: AdapterState, name: str):
 
 def _prefix_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict[str, np.ndarray]:
     site, modules = _prefix_sites(model, state, name)
-    node = _get(modules, site.flax_module)
+    node = get_path(modules, site.flax_module)
     k = np.asarray(jax.device_get(node["prefix_k"]), np.float32)  # (L, l, H_kv, d_h)
     v = np.asarray(jax.device_get(node["prefix_v"]), np.float32)
     kv = np.stack([k, v], axis=1)  # (L, 2, l, H, d): slot 2i keys of layer i, 2i+1 values
@@ -145,7 +145,7 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
         raise NotImplementedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
     out = {}
     for t in spec.targets:
-        node = _get(dense, t.flax_module)
+        node = get_path(dense, t.flax_module)
         for j, layer in enumerate(t.layers if t.layered else (None,)):
             path = PREFIX + _hf_module_path(model, t.hf_name(layer))
             for suffix, leaf, layout in keys:
@@ -168,15 +168,12 @@ def _lora_equivalent_tree(model: AdaptedModel, state: AdapterState, name: str) -
     method = method_for(spec.config)
     out: dict[str, Any] = {}
     for t in spec.targets:
-        tr = _get(state["trainable"][name]["modules"], t.flax_module)
-        ex = _get(state["extras"][name]["modules"], t.flax_module)
+        tr = get_path(state["trainable"][name]["modules"], t.flax_module)
+        ex = get_path(state["extras"][name]["modules"], t.flax_module)
         fn = lambda tr_, ex_: method.lora_equivalent(spec.config, tr_, ex_)  # noqa: E731
         a, b = jax.vmap(fn)(dict(tr), dict(ex)) if t.layered else fn(dict(tr), dict(ex))
-        node = out
-        for part in t.flax_module.split("/"):
-            node = node.setdefault(part, {})
-        node.update(lora_A=a, lora_B=b)
-    return out
+        out[t.flax_module] = {"lora_A": a, "lora_B": b}
+    return merge_paths({}, out)
 
 
 def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -340,7 +337,7 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
         used |= _import_adalora(model, raw, tensors, state, name, weights, missing)
     keys = _FILE_KEYS.get(config.method, ())
     for t in spec.targets:
-        node = _get(dense, t.flax_module)
+        node = get_path(dense, t.flax_module)
         for leaf_key in [k for _, k, _ in keys]:
             value = np.array(node[leaf_key])
             for layer in (t.layers if t.layered else (None,)):
@@ -412,7 +409,7 @@ def _import_prefix(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mapping
         raise CheckpointError(f"{weights}: prompt_embeddings has shape {emb.shape}, expected {(l, 2 * n * h * d)} "
                               f"(num_virtual_tokens x 2 * layers * kv heads * head dim)")
     kv = emb.reshape(l, n, 2, h, d).transpose(1, 2, 0, 3, 4)
-    node = _get(state["trainable"][name]["modules"], site.flax_module)
+    node = get_path(state["trainable"][name]["modules"], site.flax_module)
     node["prefix_k"], node["prefix_v"] = jnp.asarray(kv[:, 0]), jnp.asarray(kv[:, 1])
 
 
@@ -422,7 +419,7 @@ def _adalora_masks(model: AdaptedModel, state: AdapterState, name: str):
     spec = model.spec(name)
     out = []
     for t in spec.targets:
-        node = _get(state["extras"][name]["modules"], t.flax_module)
+        node = get_path(state["extras"][name]["modules"], t.flax_module)
         mask = np.asarray(node["rank_mask"], bool) if "rank_mask" in node else None
         for layer in (t.layers if t.layered else (None,)):
             keep = np.ones((spec.config.init_r,), bool) if mask is None else (mask[layer] if t.layered else mask)
@@ -437,7 +434,7 @@ def _adalora_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dic
     masks = iter(_adalora_masks(model, state, name))
     for t in spec.targets:
         node = {k: np.asarray(jax.device_get(v), np.float32)
-                for k, v in _get(state["trainable"][name]["modules"], t.flax_module).items()}
+                for k, v in get_path(state["trainable"][name]["modules"], t.flax_module).items()}
         for layer in (t.layers if t.layered else (None,)):
             hf, keep = next(masks)
             a, e, b = (node[k][layer] if t.layered else node[k] for k in ("lora_A", "lora_E", "lora_B"))
@@ -456,8 +453,8 @@ def _import_adalora(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mappin
     pattern = raw.get("rank_pattern") or {}
     used: set[str] = set()
     for t in spec.targets:
-        node = _get(state["trainable"][name]["modules"], t.flax_module)
-        xnode = _get(state["extras"][name]["modules"], t.flax_module)
+        node = get_path(state["trainable"][name]["modules"], t.flax_module)
+        xnode = get_path(state["extras"][name]["modules"], t.flax_module)
         vals = {k: np.array(node[k]) for k in ("lora_A", "lora_E", "lora_B")}
         mask = np.ones((t.num_layers, r) if t.layered else (r,), bool)
         for layer in (t.layers if t.layered else (None,)):
@@ -490,9 +487,3 @@ def _import_adalora(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mappin
         xnode["rank_mask"] = jnp.asarray(mask)
     return used
 
-
-def _get(tree: Mapping[str, Any], path: str) -> Any:
-    node: Any = tree
-    for p in path.split("/"):
-        node = node[p]
-    return node

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import Lora, LoraConfig
 from jaxpeft.adapters.method import register
-from jaxpeft.adapters.svd import low_rank_out, randomized_svd_f32, svd_f32
+from jaxpeft.adapters.svd import check_rank, low_rank_out, randomized_svd_f32, svd_f32
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ class Pissa(ResidualLoRA):
 
     def factors(self, cfg, options, kernel, rng, scale):
         r = options.get("r", cfg.r)
-        if r > min(kernel.shape):
-            raise ValueError(f"PiSSA needs r <= min(n_in, n_out): r={r} on a {kernel.shape[0]}x{kernel.shape[1]} weight")
+        check_rank("PiSSA", r, kernel)
         if cfg.niter is None:
             p, sigma, q = svd_f32(kernel)
         else:

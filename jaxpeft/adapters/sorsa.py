@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import register
 from jaxpeft.adapters.pissa import ResidualLoRA
-from jaxpeft.adapters.svd import orthogonality_gap, svd_f32
+from jaxpeft.adapters.svd import check_rank, orthogonality_gap, svd_f32
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class Sorsa(ResidualLoRA):
 
     def factors(self, cfg, options, kernel, rng, scale):
         r = options.get("r", cfg.r)
-        if r > min(kernel.shape):
-            raise ValueError(f"SORSA needs r <= min(n_in, n_out): r={r} on a {kernel.shape[0]}x{kernel.shape[1]} weight")
+        check_rank("SORSA", r, kernel)
         p, sigma, q = svd_f32(kernel)
         return {"lora_A": p[:, :r], "sorsa_S": sigma[:r], "lora_B": q[:, :r].T}
 

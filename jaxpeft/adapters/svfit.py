@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
 from jaxpeft.adapters.method import DenseMethod, register
-from jaxpeft.adapters.svd import svd_f32
+from jaxpeft.adapters.svd import check_rank, svd_f32
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class Svfit(DenseMethod):
 
     def init(self, cfg, options, kernel, bias, rng):
         r = options.get("r", cfg.r)
-        if r > min(kernel.shape):
-            raise ValueError(f"SVFit needs r <= min(n_in, n_out): r={r} on a {kernel.shape[0]}x{kernel.shape[1]} weight")
+        check_rank("SVFit", r, kernel)
         p, sigma, q = svd_f32(kernel)
         return {"svfit_sigma": sigma[:r]}, {"svfit_P": p[:, :r], "svfit_Qt": q[:, :r].T, "svfit_sigma0": sigma[:r]}
 
