@@ -98,9 +98,7 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
                        calibration=_calibration(cfg, model, pre.params, task, calibrate))
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows))
-    ctx.eval_loss_fn = make_eval_loss(model, task)
-    ctx.reg_fn = make_regularizer(model) if model.has_regularizer("loss") else None
-    return ctx
+    return _with_model(ctx, model, state)
 
 
 def _calibration(cfg: RunConfig, model: AdaptedModel, params: Any, task: Any, calibrate: bool
@@ -213,7 +211,6 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
 
     Returns the metrics before and after training, and where the PEFT-format adapter was written.
     """
-    from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
     from jaxpeft.train.logging import RunLogger
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -231,8 +228,7 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     tx = _optimizer(ctx)
     trainable = ctx.state["trainable"]
     opt_state = init_optimizer_state(ctx.model, tx, ctx.state)
-    ckpt = RunCheckpointer(out / "checkpoints", keep_last=cfg.train.keep_last, best_metric=cfg.train.best_metric,
-                           best_mode=cfg.train.best_mode, base_fingerprint=fingerprint(frozen))
+    ckpt = _checkpointer(cfg, frozen)
     result = RunResult(out, out / "adapter", 0)
     start, epoch, index = 0, 0, 0
     if not cfg.train.resume and ckpt.latest_step() is not None:
@@ -335,10 +331,8 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
     if adapter is not None:
         model, state = load_any(AdaptedModel.wrap(ctx.pretrained.module), ctx.pretrained.params, adapter,
                                 name=ADAPTER_NAME)
-        ctx.model, ctx.state = model, state
-        ctx.eval_loss_fn = make_eval_loss(model, ctx.task)
+        ctx = _with_model(ctx, model, state)
         trainable = state["trainable"]
-        ctx.reg_fn = make_regularizer(model) if model.has_regularizer("loss") else None
     else:
         trainable = _restore_checkpoint(ctx, step)
     return {**_evaluate(ctx, trainable), **base}
@@ -346,10 +340,14 @@ def evaluate(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[s
 
 def _evaluate_base(ctx: _Context) -> dict[str, float]:
     """The base model's metrics on the context's evaluation split, keys prefixed 'base_' (ctx is left as is)."""
-    model = AdaptedModel.wrap(ctx.pretrained.module)
-    base = dataclasses.replace(ctx, model=model, state={"trainable": {}, "extras": {}},
-                               eval_loss_fn=make_eval_loss(model, ctx.task), reg_fn=None)
+    base = _with_model(ctx, AdaptedModel.wrap(ctx.pretrained.module), {"trainable": {}, "extras": {}})
     return {f"base_{k}": v for k, v in _evaluate(base, {}).items()}
+
+
+def _with_model(ctx: _Context, model: AdaptedModel, state: Any) -> _Context:
+    """A copy of the context evaluating `model` with `state` (its loss and regulariser functions rebuilt)."""
+    return dataclasses.replace(ctx, model=model, state=state, eval_loss_fn=make_eval_loss(model, ctx.task),
+                               reg_fn=make_regularizer(model) if model.has_regularizer("loss") else None)
 
 
 def _optimizer(ctx: _Context) -> Any:
@@ -359,14 +357,19 @@ def _optimizer(ctx: _Context) -> Any:
                           group_lrs=groups, labels=ctx.model.param_labels if len(groups) > 1 else None)
 
 
-def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
-    """The trainable tree of a run checkpoint (default latest); its saved frozen extras replace ctx.state's."""
+def _checkpointer(cfg: RunConfig, frozen: Any) -> Any:
+    """The run's RunCheckpointer (train.output_dir/checkpoints, keep-last/best policy, the base's fingerprint)."""
     from jaxpeft.train.checkpoint import RunCheckpointer, fingerprint
 
+    return RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
+                           best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
+                           base_fingerprint=fingerprint(frozen))
+
+
+def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
+    """The trainable tree of a run checkpoint (default latest); its saved frozen extras replace ctx.state's."""
     cfg = ctx.cfg
-    with RunCheckpointer(Path(cfg.train.output_dir) / "checkpoints", keep_last=cfg.train.keep_last,
-                         best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
-                         base_fingerprint=fingerprint(ctx.pretrained.params)) as ckpt:
+    with _checkpointer(cfg, ctx.pretrained.params) as ckpt:
         step = ckpt.latest_step() if step is None else step
         hooks = None
         if ctx.model.has_train_hooks():  # their state (e.g. AdaLoRA's rank mask) is part of the optimizer state
