@@ -19,6 +19,7 @@ import adapter_fixtures as af  # noqa: E402
 import hf_tiny  # noqa: E402
 from jaxpeft.adapters import AdaloraConfig, AdaptedModel  # noqa: E402
 from jaxpeft.adapters.partition import count_parameters  # noqa: E402
+from jaxpeft.adapters.native_io import load_adapter, save_adapter  # noqa: E402
 from jaxpeft.adapters.peft_io import export_peft, import_peft  # noqa: E402
 from jaxpeft.models import ModelConfig, build_model  # noqa: E402
 from parity import assert_close  # noqa: E402
@@ -122,6 +123,38 @@ def test_export_of_a_pruned_adapter_matches_peft(tmp_path):
                                                  ["rank_mask"]), m)
         np.testing.assert_array_equal(np.asarray(a["lora_E"]), np.asarray(b["lora_E"]))
         np.testing.assert_array_equal(np.where(m[:, None, :], np.asarray(a["lora_A"]), 0), np.asarray(b["lora_A"]))
+
+
+def test_a_pruned_adapter_with_its_rank_mask_round_trips_through_the_jaxpeft_format(tmp_path):
+    """A state written after training carries the rank mask in its extras (hook_extras); the native format saves
+    and loads it (the mask is what PEFT export needs), and a state saved before training (no mask) still loads."""
+    tiny = hf_tiny.load("llama", "causal_lm")
+    am, state = _ours(tiny, seed=3)
+    rng = np.random.RandomState(4)
+    tr = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.randn(*x.shape), jnp.float32), state["trainable"])
+    masks = {t.flax_module: jnp.asarray(rng.rand(t.num_layers, KW["init_r"]) > 0.5)
+             for t in am.spec(af.NAME).targets}
+    pruned = am.with_hook_extras({"trainable": tr, "extras": state["extras"]},
+                                 {af.NAME: {"rank_mask": masks, "avg_ipt": None, "avg_unc": None}})
+    save_adapter(am, pruned, af.NAME, tmp_path / "pruned")
+    am2, loaded = load_adapter(AdaptedModel.wrap(build_model(tiny.cfg, tiny.task)), tiny.params, tmp_path / "pruned",
+                               af.NAME)
+    for t in am.spec(af.NAME).targets:
+        np.testing.assert_array_equal(
+            np.asarray(af.get(loaded["extras"][af.NAME]["modules"], t.flax_module)["rank_mask"]),
+            np.asarray(masks[t.flax_module]))
+    for (ka, a), (kb, b) in zip(jax.tree_util.tree_flatten_with_path(pruned["trainable"])[0],
+                                jax.tree_util.tree_flatten_with_path(loaded["trainable"])[0]):
+        assert ka == kb
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = np.random.RandomState(5).randint(3, tiny.cfg.vocab_size, (2, 7))
+    mask = np.ones_like(ids)
+    np.testing.assert_array_equal(np.asarray(af.jitted(am)(tiny.params, pruned, ids, mask, {})),
+                                  np.asarray(af.jitted(am2)(tiny.params, loaded, ids, mask, {})))
+    save_adapter(am, state, af.NAME, tmp_path / "fresh")  # before training: no mask in the file
+    _, fresh = load_adapter(AdaptedModel.wrap(build_model(tiny.cfg, tiny.task)), tiny.params, tmp_path / "fresh",
+                            af.NAME)
+    assert "rank_mask" not in str(jax.tree_util.tree_structure(fresh["extras"]))
 
 
 def test_import_of_a_peft_trained_and_pruned_adapter_matches_peft(tmp_path):
