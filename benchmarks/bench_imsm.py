@@ -66,7 +66,7 @@ def main() -> None:
     targets = ids[:, args.prompt:]
 
     def make_step(model, form):
-        def loss(trainable, extras):
+        def loss(trainable, frozen, extras):  # frozen is an argument, as in training (not a folded constant)
             out = model.apply(frozen, {"trainable": trainable, "extras": extras}, ids, mask, prompt_mask_bt=prompt,
                               head_positions_bk=positions, **({"siamese_form": form} if form else {}))
             logp = jax.nn.log_softmax(out.logits, axis=-1)
@@ -79,9 +79,10 @@ def main() -> None:
         forms = [None] if name == "lora" else ["separate", "doubled"]
         for form in forms:
             step = make_step(model, form)
-            mem = step.lower(state["trainable"], state["extras"]).compile().memory_analysis()
+            mem = step.lower(state["trainable"], frozen, state["extras"]).compile().memory_analysis()
             peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) if mem else 0
-            t_step = best_time(lambda: step(state["trainable"], state["extras"]), args.repeats)
+            temp = mem.temp_size_in_bytes if mem else 0
+            t_step = best_time(lambda: step(state["trainable"], frozen, state["extras"]), args.repeats)
             prompts = [list(map(int, r)) for r in np.asarray(ids[:, : args.prompt])]
             dec = model if form is None else AdaptedModel.wrap(module).add("default", IMSMConfig(
                 inner=lora, gate_dropout=0.0, fixed_gate=0.5))  # a distinct model object: its own decode compile
@@ -93,13 +94,15 @@ def main() -> None:
                 return generate_with_adapter(dec, frozen, state, prompts, max_new_tokens=args.new,
                                              eos_token_ids=[], pad_token_id=0, batch_size=b)
             t_dec = best_time(decode, max(1, args.repeats - 1))
-            rows.append((name, form or "-", t_step, peak, b * args.new / t_dec))
-            print(f"{name:5s} {form or '-':9s} train step {t_step:.3f} s | peak {peak / 2**20:.0f} MiB | "
+            rows.append((name, form or "-", t_step, peak, b * args.new / t_dec, temp))
+            print(f"{name:5s} {form or '-':9s} train step {t_step:.3f} s | peak {peak / 2**20:.0f} MiB "
+                  f"(temporaries {temp / 2**20:.0f} MiB) | "
                   f"decode {b * args.new / t_dec:.1f} tok/s", flush=True)
     base = rows[0]
-    for name, form, t_step, peak, tps in rows[1:]:
+    for name, form, t_step, peak, tps, temp in rows[1:]:
         print(f"{name} ({form}) / lora: train step {t_step / base[2]:.2f}x (target <= 1.6) | peak memory "
-              f"{peak / base[3]:.2f}x (target <= 1.15) | decode {tps / base[4]:.2f}x (target >= 0.8)")
+              f"{peak / base[3]:.2f}x (target <= 1.15; temporaries alone {temp / base[5]:.2f}x) | "
+              f"decode {tps / base[4]:.2f}x (target >= 0.8)")
 
 
 if __name__ == "__main__":
