@@ -140,12 +140,11 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
     state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name],
                        calibration=None if placeholder is None else {name: placeholder})
     _, template = state_arrays(model, state, name, fold=False)
-    # a training hook's saved values (AdaLoRA's rank mask) are in the file when it was written after training
-    hooked = model.with_hook_extras(state, model.init_hook_state(state))
-    _, hooked_template = state_arrays(model, hooked, name, fold=False)
-    optional = set(hooked_template) - set(template)
-    if optional & set(tensors):
-        state, template = hooked, hooked_template
+    if model.has_train_hooks():  # a hook's saved values (AdaLoRA's rank mask) are there when written after training
+        hooked = model.with_hook_extras(state, model.init_hook_state(state))
+        _, hooked_template = state_arrays(model, hooked, name, fold=False)
+        if (set(hooked_template) - set(template)) & set(tensors):
+            state, template = hooked, hooked_template
     missing = sorted(set(template) - set(tensors))
     unexpected = sorted(set(tensors) - set(template))
     if missing or unexpected:
