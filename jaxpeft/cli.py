@@ -91,7 +91,22 @@ def _errors():
     return (ConfigError, DataError, CheckpointError)
 
 
+def _join_job(args: argparse.Namespace) -> None:
+    """Multi-process training: join the job before anything starts jax's backend."""
+    if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+        from jaxpeft.parallel.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxpeft.parallel.distributed import DistributedError
+
+    try:
+        _join_job(args)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _enable_compilation_cache()
     from jaxpeft.train.runner import TrainingDiverged, run
 
@@ -215,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     t = with_config(sub.add_parser("train", help="train an adapter as the config says (resumes when possible)"))
+    t.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process job: address of process 0 (with --num-processes and --process-id)")
+    t.add_argument("--num-processes", type=int, default=None, help="multi-process job: number of processes")
+    t.add_argument("--process-id", type=int, default=None, help="multi-process job: this process's rank")
+    t.add_argument("--distributed", action="store_true",
+                   help="join a multi-process job described by the environment (TPU pod slice, SLURM)")
+    t.add_argument("--cpu-devices", type=int, default=None, help="CPU devices per process (testing on one host)")
     t.set_defaults(func=_cmd_train)
     e = with_config(sub.add_parser("eval", help="evaluate a run's adapter on the config's evaluation split"))
     e.add_argument("--adapter", default=None, help="an adapter folder, HF PEFT or jaxpeft format (default: the run's latest checkpoint)")

@@ -73,7 +73,8 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
              eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, bucket: int = 32,
              model_fn: ModelFn | None = None, cache_key: Any = None,
-             init_cache: Callable[[int, int], KVCache] | None = None, position_shift: int = 0) -> list[list[int]]:
+             init_cache: Callable[[int, int], KVCache] | None = None, position_shift: int = 0,
+             replicated: Any = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; stop a row at its first stop token.
 
     prompts: token-id lists of any lengths (left-padded internally to a multiple of `bucket`).
@@ -81,6 +82,8 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
     `cache_key` that identifies it so its compiled function is reused). init_cache(batch, max_len) -> KVCache
     lets the model own its decode state (prefix adapters reserve their slots: `AdaptedModel.init_cache`);
     position_shift: how far the model shifts positions (counted against GPT-2's learned positions).
+    replicated: a replicated NamedSharding of the mesh `params` live on: prompts, cache and key are placed with
+    it and the compiled function returns the tokens whole on every process (multi-device and multi-process).
     Returns the new tokens per row, the stop token included when one was produced.
     """
     if max_new_tokens < 1:
@@ -99,16 +102,20 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
         ids[i, p_len - len(p):] = p
         mask[i, p_len - len(p):] = True
     key = (cache_key if model_fn is not None else module, b, p_len, max_new_tokens, tuple(eos_token_ids),
-           pad_token_id, sampling)
+           pad_token_id, sampling, replicated)
     if key not in _COMPILED:
         _COMPILED[key] = _build(module, model_fn or _default_model_fn(module), b, p_len, max_new_tokens,
-                                tuple(eos_token_ids), pad_token_id, sampling)
+                                tuple(eos_token_ids), pad_token_id, sampling, replicated)
     if init_cache is not None:
         cache = init_cache(b, p_len + max_new_tokens)
     else:
         cache = KVCache.init(cfg.num_layers, b, p_len + max_new_tokens, cfg.num_kv_heads, cfg.head_dim,
                              jnp_dtype(cfg.dtype))
-    out = np.asarray(_COMPILED[key](params, jnp.asarray(ids), jnp.asarray(mask), cache, jax.random.key(seed)))
+    inputs = (jnp.asarray(ids), jnp.asarray(mask), cache, np.uint32(seed))
+    if replicated is not None:  # global arrays: every process passes the same values
+        inputs = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]),
+                              (ids, mask, jax.tree.map(np.asarray, cache), np.asarray(seed, np.uint32)))
+    out = np.asarray(_COMPILED[key](params, *inputs))
     results = []
     for row in out:
         toks = []
@@ -121,10 +128,11 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
 
 
 def _build(module, model_fn: ModelFn, b: int, p_len: int, max_new: int, eos: tuple[int, ...], pad: int,
-           sampling: SamplingConfig):
+           sampling: SamplingConfig, replicated: Any = None):
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
-    def run(params, ids_bt, mask_bt, cache, rng):
+    def run(params, ids_bt, mask_bt, cache, seed):
+        rng = jax.random.key(seed)
         out = model_fn(params, ids_bt, mask_bt, cache)
         rng, sub = jax.random.split(rng)
         tok = choose_tokens(out.logits[:, -1], sub, sampling)
@@ -144,4 +152,7 @@ def _build(module, model_fn: ModelFn, b: int, p_len: int, max_new: int, eos: tup
         return jnp.concatenate([tok[:, None], rest.T], axis=1)
 
     # the cache is donated where the backend can reuse its buffers (not on CPU)
-    return jax.jit(run, donate_argnums=(3,) if jax.default_backend() != "cpu" else ())
+    donate = (3,) if jax.default_backend() != "cpu" else ()
+    if replicated is None:
+        return jax.jit(run, donate_argnums=donate)
+    return jax.jit(run, donate_argnums=donate, out_shardings=replicated)

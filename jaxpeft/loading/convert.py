@@ -17,6 +17,7 @@ from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.namemap import ARCH_NAMES, IGNORED_HF_KEYS, ParamEntry, name_map
 
 Getter = Callable[[str], Any]
+Placer = Callable[[ParamEntry, np.ndarray], Any]
 
 
 def canonical_keys(cfg: ModelConfig, keys: Iterable[str]) -> dict[str, str]:
@@ -37,10 +38,13 @@ def canonical_keys(cfg: ModelConfig, keys: Iterable[str]) -> dict[str, str]:
 
 
 def hf_to_params(cfg: ModelConfig, task: str, keys: Iterable[str], get: Getter, *,
-                 allow_missing_heads: bool = True) -> tuple[dict[str, Any], list[str]]:
+                 allow_missing_heads: bool = True, place: Placer | None = None) -> tuple[dict[str, Any], list[str]]:
     """Build the flax params tree from HF tensors.
 
     keys: the checkpoint's keys; get(key) -> array-like in HF layout (PyTorch (out, in) for Linear).
+    place: place(entry, host array) -> the leaf (e.g. `jax.make_array_from_callback` onto the entry's
+        sharding): each tensor is prepared in host memory (layers stacked, layout and dtype applied) and goes
+        straight to its devices, never through one device first. Default: jnp arrays on the default device.
     Returns (params, newly_initialised) where newly_initialised lists task-head params absent from the
     checkpoint (e.g. a classifier on a bare encoder), filled by the module's own initialiser (seed 0).
     Raises CheckpointError listing every missing, unexpected and mis-shaped key.
@@ -69,7 +73,7 @@ def hf_to_params(cfg: ModelConfig, task: str, keys: Iterable[str], get: Getter, 
         for k in keys_e:
             w = get(canon[k])
             want = e.shape[1:] if e.layered else e.shape
-            w = jnp.asarray(w)
+            w = jnp.asarray(w) if place is None else np.asarray(w)
             if e.transpose:
                 w = w.T
             if tuple(w.shape) != tuple(want):
@@ -77,7 +81,11 @@ def hf_to_params(cfg: ModelConfig, task: str, keys: Iterable[str], get: Getter, 
                 continue
             parts.append(w.astype(dtype))
         if len(parts) == len(keys_e):
-            leaves[e.flax_path] = jnp.stack(parts) if e.layered else parts[0]
+            if place is None:
+                leaves[e.flax_path] = jnp.stack(parts) if e.layered else parts[0]
+            else:
+                leaves[e.flax_path] = place(e, np.stack(parts) if e.layered else parts[0])
+                del parts
     droppable = _droppable(cfg, task)
     unexpected = sorted(canon[k] for k in canon if k not in expected and not droppable(k))
     if missing or unexpected or bad_shape:
@@ -85,6 +93,10 @@ def hf_to_params(cfg: ModelConfig, task: str, keys: Iterable[str], get: Getter, 
     params = _unflatten(leaves)
     if fresh:
         params = _init_missing(cfg, task, params, fresh)
+        if place is not None:
+            entries_at = entries_by_path(cfg, task)
+            flat = _flatten(params)
+            params = _unflatten({k: place(entries_at[k], np.asarray(v)) if k in fresh else v for k, v in flat.items()})
     return params, fresh
 
 

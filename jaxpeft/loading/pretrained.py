@@ -1,7 +1,7 @@
 """`load_pretrained`: the one entry point from a checkpoint (HF folder, GGUF file, asset name, hub id) to
 (module, params, config, tokenizer).
 
-Imports jaxpeft.models, the sibling loaders and jaxpeft.assets; never adapters or training.
+Imports jaxpeft.models, jaxpeft.parallel, the sibling loaders and jaxpeft.assets; never adapters or training.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from jaxpeft.loading.hf_folder import read_config, read_safetensors
 from jaxpeft.loading.tokenizer import TextTokenizer, tokenizer_from_folder
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.registry import build_model
+from jaxpeft.parallel import sharding_for
 
 
 @dataclass
@@ -43,13 +44,17 @@ class Pretrained:
 
 def load_pretrained(path_or_name: str | os.PathLike, *, task: str = "causal_lm", dtype: str = "float32",
                     param_dtype: str | None = None, scan_layers: bool = True, remat: str = "none",
-                    num_labels: int | None = None, revision: str | None = None, **config_overrides: Any) -> Pretrained:
+                    num_labels: int | None = None, revision: str | None = None, mesh: Any = None,
+                    rules: Any = None, **config_overrides: Any) -> Pretrained:
     """Load a pretrained checkpoint into a jaxpeft backbone.
 
     path_or_name: a HF model folder (config.json + safetensors), a .gguf file (or a folder holding one),
         a jaxpeft asset name (`jaxpeft download --list`), or a Hugging Face hub id (needs network).
     task: 'causal_lm' | 'seq_cls' | 'token_cls' | 'base'. Missing head params are initialised and listed.
     dtype / param_dtype: compute and storage dtypes ('float32', 'bfloat16'); storage defaults to compute.
+    mesh / rules: a `jax.sharding.Mesh` (e.g. `jaxpeft.parallel.make_mesh`) and logical-axis rules (default
+        `jaxpeft.parallel.DEFAULT_RULES`): every tensor goes straight from host memory to its shards
+        (`jax.make_array_from_callback`), sharded by its logical axes; each process fills only its own devices.
     Strict: missing, unexpected or mis-shaped backbone keys raise CheckpointError listing them.
     """
     path = _resolve(path_or_name, revision)
@@ -76,11 +81,18 @@ def load_pretrained(path_or_name: str | os.PathLike, *, task: str = "causal_lm",
         if task == "base" and not has_pooler:
             cfg = cfg.replace(add_pooler=False)
     try:
-        params, fresh = hf_to_params(cfg, task, keys, get)
+        params, fresh = hf_to_params(cfg, task, keys, get, place=None if mesh is None else _placer(mesh, rules))
     finally:
         if reader is not None:
             reader.close()
     return Pretrained(build_model(cfg, task), params, cfg, tokenizer, task, hf_config, str(path), fresh)
+
+
+def _placer(mesh: Any, rules: Any) -> Any:
+    def place(entry: Any, host: Any) -> jax.Array:
+        sharding = sharding_for(entry.axes, host.shape, mesh, rules)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return place
 
 
 def _gguf_text_tokenizer(ckpt: Any) -> TextTokenizer:

@@ -194,6 +194,36 @@ class GenerationSection(_Section):
     """Compute generation metrics (exact match, BLEU, ...) at evaluation for causal-LM tasks."""
 
 
+class MeshSection(_Section):
+    """The device mesh (`jaxpeft.parallel.make_mesh`): data * fsdp * tensor devices, one size may be -1 (the
+    devices the others leave). Default: all devices data-parallel."""
+
+    data: Int = -1
+    """Data parallelism: rows split, weights replicated."""
+    fsdp: Int = 1
+    """Fully sharded data parallelism: rows split and every weight's 'embed' dimension split."""
+    tensor: Int = 1
+    """Tensor parallelism: heads, MLP width and vocabulary split."""
+    rules: dict[str, str | tuple[str, ...] | None] | None = None
+    """Logical axis name -> mesh axes (None = replicated); default jaxpeft.parallel.DEFAULT_RULES."""
+
+    @field_validator("data", "fsdp", "tensor")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"{v}: a mesh size must be >= 1, or -1 for the devices the other sizes leave")
+        return v
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name, axes in (v or {}).items():
+            bad = [a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a not in ("data", "fsdp", "tensor")]
+            if bad:
+                raise ValueError(f"{name}: {bad} are not mesh axes; use data, fsdp or tensor (or null)")
+        return v
+
+
 class RunConfig(_Section):
     """A whole run: `jaxpeft train CONFIG.yaml` or `jaxpeft.train.run(RunConfig(...))`."""
 
@@ -203,6 +233,7 @@ class RunConfig(_Section):
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     generation: GenerationSection = GenerationSection()
+    mesh: MeshSection = MeshSection()
     metrics: tuple[str, ...] | None = None
     """Metrics to report; default by task (see jaxpeft.train.tasks)."""
 

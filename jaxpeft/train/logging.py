@@ -50,6 +50,8 @@ class RunLogger:
         start_step: int = 0,
         enable_progress: bool = True,
         tensorboard: bool = True,
+        log_every: int = 10,
+        write: bool = True,
     ) -> None:
         """Open (or create) `run_dir`.
 
@@ -59,17 +61,25 @@ class RunLogger:
           enable_progress: show a tqdm bar on stderr; it is also off whenever stderr is not a terminal.
           tensorboard: also write TensorBoard scalars to run_dir/tb (needs the `tensorboardX` package;
             without it a warning is issued and only metrics.jsonl is written).
+          log_every: when stderr is not a terminal (a pod's or batch job's log file) the bar is replaced by a
+            plain line every `log_every` steps: step, loss, tokens/s, ETA.
+          write: False for every process but the first of a multi-process run: nothing is written or shown.
         """
+        self.write = bool(write)
+        self.log_every = max(1, int(log_every))
+        if not self.write:
+            enable_progress, tensorboard = False, False
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if write:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = int(total_steps)
         self.start_step = int(start_step)
         self._closed = False
 
         path = self.run_dir / METRICS_FILE
         # A run killed mid-write may leave a partial last line: start ours on a fresh line.
-        needs_newline = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
-        self._file = open(path, "a", encoding="utf-8")
+        needs_newline = self.write and path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        self._file = open(path, "a", encoding="utf-8") if self.write else open(os.devnull, "w", encoding="utf-8")
         if needs_newline:
             self._file.write("\n")
             self._file.flush()
@@ -107,7 +117,10 @@ class RunLogger:
         )
         # Throughput counts from the first progress() call, so jit compilation of step one is not averaged in.
         self._t0: float | None = None
+        self._t0_step = self.start_step
         self._tokens = 0
+        # plain lines instead of the bar where no terminal shows it (and no notebook widget replaces it)
+        self._plain = bool(enable_progress) and disable is None and not _stderr_is_tty()
 
     # -------------------------------------------------------------------------------------------- logging
 
@@ -137,7 +150,7 @@ class RunLogger:
         `tokens` is the number of tokens processed since the previous call. The bar's ETA comes from tqdm's
         smoothed step rate. Does nothing visible when the bar is disabled.
         """
-        if self._closed or self._bar.disable:
+        if self._closed or (self._bar.disable and not self._plain):
             return
         now = time.perf_counter()
         postfix: dict[str, str] = {}
@@ -149,6 +162,10 @@ class RunLogger:
                 postfix["tok/s"] = f"{self._tokens / (now - self._t0):,.0f}"
         if loss is not None:
             postfix = {"loss": f"{float(loss):.4f}", **postfix}
+        if self._plain:
+            if int(step) % self.log_every == 0 or int(step) == self.total_steps:
+                self._plain_line(int(step), postfix, now)
+            return
         if postfix:
             self._bar.set_postfix(postfix, refresh=False)
         delta = int(step) - self._bar.n
@@ -156,6 +173,15 @@ class RunLogger:
             self._bar.update(delta)
         else:
             self._bar.refresh()
+
+    def _plain_line(self, step: int, postfix: dict[str, str], now: float) -> None:
+        done = step - self._t0_step - 1  # steps timed since the first call
+        eta = ""
+        if done > 0 and self._t0 is not None and now > self._t0:
+            left = (self.total_steps - step) * (now - self._t0) / done
+            eta = f" eta {int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        fields = "".join(f" {k} {v}" for k, v in postfix.items())
+        print(f"step {step}/{self.total_steps}{fields}{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Close the bar, the TensorBoard writer and the log, then write the run's plots (see `plot_run`).
@@ -169,6 +195,8 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
         self._file.close()
+        if not self.write:
+            return
         try:
             plot_run(self.run_dir)
         except Exception as e:  # plots are a convenience; never fail a finished run over them
@@ -179,6 +207,13 @@ class RunLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _last_byte(path: Path) -> bytes:

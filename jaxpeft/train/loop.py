@@ -86,10 +86,11 @@ def init_optimizer_state(model: AdaptedModel, tx: optax.GradientTransformation, 
 
 def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransformation, grad_accum: int,
                     seed: int, peak_lr: float | None = None, total_steps: int | None = None,
-                    head_tokens: int | None = None) -> Callable:
+                    head_tokens: int | None = None, shardings: Sequence[Any] | None = None) -> Callable:
     """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, terms).
 
-    The batch (B, ...) is split into `grad_accum` micro-batches scanned in order; the task gradient is the
+    The batch (B, ...) is split into `grad_accum` micro-batches with a stride (micro-batch i holds rows i,
+    i + grad_accum, ...: each spans every data shard of a sharded batch) scanned in order; the task gradient is the
     token-weighted mean over all of them, equal to one big batch's. The adapters' method regularisers R
     (`AdaptedModel.regularizer`) are added once per optimizer step, after that normalisation: to the loss and
     its gradient (placement 'loss'), or as post_clip_scale(peak_lr) * grad R after clipping (placement
@@ -100,6 +101,8 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
     from `init_optimizer_state`, and total_steps is the run's length.
     head_tokens: K, run the head only at the K positions each row's loss scores (`gathered_head_tokens`), not
     full-vocabulary logits at every position (causal LM); None: the full head.
+    shardings: (trainable, opt_state, frozen, extras, batch) shardings (trees or prefixes, e.g. from
+    `jaxpeft.train.placement.Placement`): the step is compiled for them (terms replicated); None: as placed.
     """
     post_clip = model.has_regularizer("post_clip")
     hooked = model.has_train_hooks()
@@ -124,7 +127,8 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         return model.regularizer({"trainable": trainable, "extras": extras}, placement=placement, peak_lr=lr)
 
     def step_fn(trainable, opt_state, frozen, extras, batch, step):
-        micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]),
+                                                    0, 1), batch)
 
         def body(carry, xs):
             grads, total, count = carry
@@ -163,7 +167,18 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         terms["loss"] = jnp.where(ok, loss, jnp.nan)
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), terms
 
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step_fn, donate_argnums=(0, 1))
+    t_sh, o_sh, f_sh, e_sh, b_sh = shardings
+    rep = _replicated_like(b_sh)
+    return jax.jit(step_fn, donate_argnums=(0, 1), in_shardings=(t_sh, o_sh, f_sh, e_sh, b_sh, rep),
+                   out_shardings=(t_sh, o_sh, rep))
+
+
+def _replicated_like(sharding: Any) -> Any:
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(sharding.mesh, PartitionSpec())
 
 
 def gathered_head_tokens(examples: Sequence[dict[str, Any]], multiple: int = 8) -> int | None:
@@ -180,21 +195,25 @@ def make_regularizer(model: AdaptedModel) -> Callable:
     return jax.jit(lambda trainable, extras: model.regularizer({"trainable": trainable, "extras": extras}))
 
 
-def make_eval_loss(model: AdaptedModel, task: Task) -> Callable:
-    """loss_terms(trainable, frozen, extras, batch) -> (loss sum, count, logits) with dropout off."""
+def make_eval_loss(model: AdaptedModel, task: Task, replicated: Any = None) -> Callable:
+    """loss_terms(trainable, frozen, extras, batch) -> (loss sum, count, logits) with dropout off.
+
+    replicated: a replicated sharding of the run's mesh: the outputs come back whole on every process."""
     def fn(trainable, frozen, extras, batch):
         out = model.apply(frozen, {"trainable": trainable, "extras": extras}, batch["input_ids"],
                           batch["attention_mask"], **task.model_inputs(batch))
         s, n = task.loss(out, batch)
         return s, n, out.logits
-    return jax.jit(fn)
+    return jax.jit(fn) if replicated is None else jax.jit(fn, out_shardings=replicated)
 
 
 def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts: Sequence[Sequence[int]], *,
                           max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int,
-                          sampling: SamplingConfig = SamplingConfig(), batch_size: int = 32, seed: int = 0
-                          ) -> list[list[int]]:
-    """Generate for many prompts in fixed-size batches (the last one padded), through the adapter."""
+                          sampling: SamplingConfig = SamplingConfig(), batch_size: int = 32, seed: int = 0,
+                          replicated: Any = None) -> list[list[int]]:
+    """Generate for many prompts in fixed-size batches (the last one padded), through the adapter.
+
+    replicated: a replicated sharding of the mesh `frozen` lives on (prompts, cache and tokens are placed so)."""
     def model_fn(params, ids, mask, cache):
         return model.apply(params[0], params[1], ids, mask, cache=cache)
 
@@ -207,13 +226,15 @@ def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts:
                        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
                        model_fn=model_fn, cache_key=(model, "adapted"),
                        init_cache=lambda b, n: model.init_cache(state, b, n),
-                       position_shift=model.max_position_shift())
+                       position_shift=model.max_position_shift(), replicated=replicated)
         out += res[:n]
     return out
 
 
-def iterate_losses(fn: Callable, trainable: Any, frozen: Any, extras: Any, batches: Iterable[dict[str, np.ndarray]]):
-    """Yield (loss sum, count, logits, batch) over evaluation batches."""
+def iterate_losses(fn: Callable, trainable: Any, frozen: Any, extras: Any, batches: Iterable[dict[str, np.ndarray]],
+                   placement: Any = None):
+    """Yield (loss sum, count, logits, host batch) over evaluation batches (placed on the run's mesh when given:
+    `jaxpeft.train.placement.Placement`)."""
     for batch in batches:
-        s, n, logits = fn(trainable, frozen, extras, batch)
+        s, n, logits = fn(trainable, frozen, extras, placement.global_batch(batch) if placement else batch)
         yield float(s), float(n), logits, batch

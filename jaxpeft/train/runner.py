@@ -24,6 +24,7 @@ from jaxpeft.adapters.partition import trainable_parameters_line
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
+from jaxpeft.train.placement import Placement
 from jaxpeft.train.loop import (gathered_head_tokens, generate_with_adapter, init_optimizer_state, iterate_losses,
                                 make_eval_loss, make_optimizer, make_regularizer, make_train_step)
 from jaxpeft.train.probes import gate_report, has_gates, has_siamese_gate, siamese_gate_report
@@ -62,6 +63,7 @@ class _Context:
     eval_examples: list[dict[str, Any]]
     eval_loss_fn: Any = None
     reg_fn: Any = None
+    placement: Placement | None = None
 
 
 def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
@@ -80,9 +82,10 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
     from jaxpeft.loading.pretrained import load_pretrained
 
     labels = _labels(cfg)
+    placement = _placement(cfg)
     pre = load_pretrained(cfg.model.checkpoint, task=MODEL_TASK[cfg.model.task], dtype=cfg.model.dtype,
                           param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
-                          num_labels=len(labels) if labels else None)
+                          num_labels=len(labels) if labels else None, mesh=placement.mesh, rules=placement.rules)
     if pre.tokenizer is None:
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint!r} has no tokenizer; jaxpeft needs tokenizer.json")
     task = make_task(cfg, pre.tokenizer, labels)
@@ -94,11 +97,41 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
     except ValueError as e:  # targets that match nothing, layers out of range, a method the model cannot take
         raise ConfigError(f"adapter: {e}") from e
     _check_positions(cfg, pre.config, model)
-    state = model.init(jax.random.key(cfg.train.seed), pre.params,
-                       calibration=_calibration(cfg, model, pre.params, task, calibrate))
+    state = _init_state(model, pre.params, cfg.train.seed, _calibration(cfg, model, pre.params, task, calibrate),
+                        placement)
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
-    ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows))
+    ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows), placement=placement)
     return _with_model(ctx, model, state)
+
+
+def _placement(cfg: RunConfig) -> Placement:
+    """The run's mesh (all devices, across processes) and logical-axis rules; batch sizes must split over it."""
+    from jaxpeft.parallel import MeshError, make_mesh
+
+    m = cfg.mesh
+    try:
+        mesh = make_mesh(m.data, m.fsdp, m.tensor)
+    except MeshError as e:
+        raise ConfigError(f"mesh: {e}") from e
+    placement = Placement(mesh, tuple(m.rules.items()) if m.rules else None)
+    n = placement.batch_divisor
+    for key, value in (("train.batch_size", cfg.train.batch_size // cfg.train.grad_accum),
+                       ("train.eval_batch_size", cfg.train.eval_batch_size)):
+        if value % n:
+            raise ConfigError(f"{key}: {value} rows{' per micro-batch' if key == 'train.batch_size' else ''} "
+                              f"cannot be split over the mesh's {n} data-parallel devices (data * fsdp); make it a "
+                              f"multiple of {n}")
+    return placement
+
+
+def _init_state(model: AdaptedModel, frozen: Any, seed: int, calibration: Any, placement: Placement) -> Any:
+    """The adapters' variables created directly in their shardings (each like the base weight it adapts)."""
+    def init(frozen, rng, calibration):
+        return model.init(rng, frozen, calibration=calibration)
+
+    rng = jax.random.key(seed)
+    abstract = jax.eval_shape(init, frozen, rng, calibration)
+    return jax.jit(init, out_shardings=placement.state_shardings(model, abstract))(frozen, rng, calibration)
 
 
 def _calibration(cfg: RunConfig, model: AdaptedModel, params: Any, task: Any, calibrate: bool
@@ -140,7 +173,7 @@ def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
     gold: list[Any] = []
     for s, n, logits, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras,
                                               eval_batches(ctx.eval_examples, cfg.train.eval_batch_size,
-                                                           cfg.data.buckets, pad)):
+                                                           cfg.data.buckets, pad), ctx.placement):
         total, count = total + s, count + n
         keep = batch["example_weight"] > 0
         if cfg.model.task == "seq_cls":
@@ -175,7 +208,8 @@ def _generate(ctx: _Context, trainable: Any, rows: list[dict[str, Any]]) -> list
                                  prompts, max_new_tokens=g.max_new_tokens, eos_token_ids=tok.eos_token_ids,
                                  pad_token_id=tok.pad_token_id or 0,
                                  sampling=SamplingConfig(g.temperature, g.top_k, g.top_p),
-                                 batch_size=ctx.cfg.train.eval_batch_size, seed=ctx.cfg.train.seed)
+                                 batch_size=ctx.cfg.train.eval_batch_size, seed=ctx.cfg.train.seed,
+                                 replicated=ctx.placement.replicated if ctx.placement else None)
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
@@ -190,7 +224,8 @@ def _choice_accuracy(ctx: _Context, trainable: Any) -> float:
     scores: list[float] = []
     frozen, extras = ctx.pretrained.params, ctx.state["extras"]
     for batch in eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad):
-        _, _, logits = ctx.eval_loss_fn(trainable, frozen, extras, batch)
+        _, _, logits = ctx.eval_loss_fn(trainable, frozen, extras,
+                                        ctx.placement.global_batch(batch) if ctx.placement else batch)
         logp = jax.nn.log_softmax(np.asarray(logits, np.float32)[:, :-1], axis=-1)
         tgt = batch["input_ids"][:, 1:]
         ll = np.take_along_axis(np.asarray(logp), tgt[..., None], axis=-1)[..., 0] * batch["loss_mask"][:, 1:]
@@ -215,10 +250,13 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    say = print if verbose else (lambda *a, **k: None)
+    main = jax.process_index() == 0  # with several processes only the first writes run files and prints
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    say = print if verbose and main else (lambda *a, **k: None)
     ctx = _context(cfg, calibrate=True)
+    place = ctx.placement
     frozen = ctx.pretrained.params
     say(trainable_parameters_line(ctx.model, ctx.state, frozen))
     train_rows = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
@@ -227,7 +265,7 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.data.buckets, pad, cfg.train.seed)
     tx = _optimizer(ctx)
     trainable = ctx.state["trainable"]
-    opt_state = init_optimizer_state(ctx.model, tx, ctx.state)
+    opt_state, opt_sh = _init_opt_state(ctx, tx)
     ckpt = _checkpointer(cfg, frozen)
     result = RunResult(out, out / "adapter", 0)
     start, epoch, index = 0, 0, 0
@@ -242,15 +280,17 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
         start, epoch, index = meta["step"], meta["epoch"], meta["index"]
         result.metrics_before = meta.get("metrics_before", {})
         say(f"resumed from step {start} ({out / 'checkpoints'})")
-    logger = RunLogger(out, total_steps=cfg.train.steps, start_step=start, enable_progress=verbose)
+    logger = RunLogger(out, total_steps=cfg.train.steps, start_step=start, enable_progress=verbose,
+                       log_every=cfg.train.log_every, write=main)
     if start == 0 and cfg.train.eval_before_training:
         result.metrics_before = _evaluate(ctx, trainable)
         logger.log(0, result.metrics_before, split="eval")
         say(f"before training: {_fmt(result.metrics_before)}")
     # causal LM: the head runs only on the positions the loss scores (no full-vocabulary logits elsewhere)
     head_tokens = gathered_head_tokens(train_examples) if cfg.model.task == "causal_lm" else None
+    shardings = (place.like(trainable), opt_sh, place.like(frozen), place.like(ctx.state["extras"]), place.batch)
     step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed, peak_lr=cfg.optim.lr,
-                              total_steps=cfg.train.steps, head_tokens=head_tokens)
+                              total_steps=cfg.train.steps, head_tokens=head_tokens, shardings=shardings)
     extras = ctx.state["extras"]
     last_eval: dict[str, float] = {}
     has_reg = ctx.model.has_regularizer("loss") or ctx.model.has_regularizer("post_clip")
@@ -260,7 +300,8 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     try:
         for step in range(start, cfg.train.steps):
             epoch, index, batch = next(batches)
-            trainable, opt_state, terms = step_fn(trainable, opt_state, frozen, extras, batch, np.int32(step))
+            trainable, opt_state, terms = step_fn(trainable, opt_state, frozen, extras, place.global_batch(batch),
+                                                  np.int32(step))
             loss = float(terms["loss"])
             if not math.isfinite(loss):
                 # checkpoint s holds the weights the loss at loop step s was computed with: those before
@@ -299,13 +340,15 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     final_state = {"trainable": trainable, "extras": extras}
     if ctx.model.has_train_hooks():  # e.g. AdaLoRA's rank mask goes into the exported adapter
         final_state = ctx.model.with_hook_extras(final_state, opt_state["hooks"])
-    _, fmt = save_any(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
-                      base_model_name_or_path=cfg.model.checkpoint)
-    say(f"adapter ({'Hugging Face PEFT' if fmt == 'peft' else 'jaxpeft'} format): {result.adapter_dir}")
-    if has_siamese_gate(ctx.model):
+    final_state = place.to_host(final_state)  # every process takes part in the gather
+    if main:
+        _, fmt = save_any(ctx.model, final_state, ADAPTER_NAME, result.adapter_dir,
+                          base_model_name_or_path=cfg.model.checkpoint)
+        say(f"adapter ({'Hugging Face PEFT' if fmt == 'peft' else 'jaxpeft'} format): {result.adapter_dir}")
+    if has_siamese_gate(ctx.model) and jax.process_count() == 1:
         report = siamese_gate_report(ctx, trainable, out)
         say(f"IMSM gate histogram: {report['png']} ({report['json']})")
-    if has_gates(ctx.model):
+    if has_gates(ctx.model) and jax.process_count() == 1:
         report = gate_report(ctx, trainable, out)
         say(f"gate statistics: {report['json']} and heatmap {report['png']}")
     if cfg.model.task == "causal_lm" and cfg.generation.show_examples:
@@ -346,7 +389,8 @@ def _evaluate_base(ctx: _Context) -> dict[str, float]:
 
 def _with_model(ctx: _Context, model: AdaptedModel, state: Any) -> _Context:
     """A copy of the context evaluating `model` with `state` (its loss and regulariser functions rebuilt)."""
-    return dataclasses.replace(ctx, model=model, state=state, eval_loss_fn=make_eval_loss(model, ctx.task),
+    rep = ctx.placement.replicated if ctx.placement else None
+    return dataclasses.replace(ctx, model=model, state=state, eval_loss_fn=make_eval_loss(model, ctx.task, rep),
                                reg_fn=make_regularizer(model) if model.has_regularizer("loss") else None)
 
 
@@ -355,6 +399,24 @@ def _optimizer(ctx: _Context) -> Any:
     groups = ctx.model.lr_groups(ctx.cfg.optim.lr)
     return make_optimizer(ctx.cfg.optim, ctx.cfg.train.steps, post_clip=ctx.model.has_regularizer("post_clip"),
                           group_lrs=groups, labels=ctx.model.param_labels if len(groups) > 1 else None)
+
+
+def _init_opt_state(ctx: _Context, tx: Any) -> tuple[Any, Any]:
+    """(optimizer state, its shardings): the moments shard like the params they track; training hooks'
+    state (AdaLoRA's importance EMAs and budget) is replicated."""
+    place, model = ctx.placement, ctx.model
+
+    def init(state):
+        return init_optimizer_state(model, tx, state)
+
+    abstract = jax.eval_shape(init, ctx.state)
+    trainable_sh = place.like(ctx.state["trainable"])
+    if model.has_train_hooks():
+        sh = {"optimizer": place.opt_shardings(abstract["optimizer"], trainable_sh),
+              "hooks": jax.tree.map(lambda _: place.replicated, abstract["hooks"])}
+    else:
+        sh = place.opt_shardings(abstract, trainable_sh)
+    return jax.jit(init, out_shardings=sh)(ctx.state), sh
 
 
 def _checkpointer(cfg: RunConfig, frozen: Any) -> Any:
@@ -373,7 +435,7 @@ def _restore_checkpoint(ctx: _Context, step: int | None) -> Any:
         step = ckpt.latest_step() if step is None else step
         hooks = None
         if ctx.model.has_train_hooks():  # their state (e.g. AdaLoRA's rank mask) is part of the optimizer state
-            like = init_optimizer_state(ctx.model, _optimizer(ctx), ctx.state)
+            like, _ = _init_opt_state(ctx, _optimizer(ctx))
             trainable, opt_state, _ = ckpt.restore(step, trainable_like=ctx.state["trainable"], opt_state_like=like)
             hooks = opt_state["hooks"]
         else:
