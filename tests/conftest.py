@@ -36,6 +36,18 @@ def gemma3_gguf():
 
 
 @pytest.fixture(scope="session")
+def gemma3_transformers(gemma3_gguf):
+    """transformers' own float32 load of the Gemma-3-270m GGUF (eval mode), made once: the GGUF-reader test
+    compares its state dict, the loader test its logits (dequantizing the file takes about a minute)."""
+    from pathlib import Path
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    p = Path(gemma3_gguf)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     """Path to the all-MiniLM-L6-v2 Hugging Face folder (config.json, model.safetensors, tokenizer.json)."""
     return _fetch("all-minilm-l6-v2")

@@ -22,6 +22,7 @@ def main() -> None:
     import jax
 
     from jaxpeft.train import runner
+    from jaxpeft.train.checkpoint import fingerprint
     from jaxpeft.train.config import load_config
     from jaxpeft.train.logging import read_metrics
 
@@ -36,7 +37,8 @@ def main() -> None:
             ctx = runner._context(cfg)
             opt_state, _ = runner._init_opt_state(ctx, runner._optimizer(ctx))
             res.update(frozen=_specs(ctx.pretrained.params), trainable=_specs(ctx.state["trainable"]),
-                       opt_state=_specs(opt_state), mesh=dict(ctx.placement.mesh.shape))
+                       opt_state=_specs(opt_state), mesh=dict(ctx.placement.mesh.shape),
+                       fingerprint=fingerprint(ctx.pretrained.params))
         results.append(res)
     with open(sys.argv[2], "w") as f:
         json.dump(results, f)

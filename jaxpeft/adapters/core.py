@@ -280,7 +280,7 @@ class AdaptedModel:
               active: str | Sequence[str] | None = ALL, adapter_index: jax.Array | None = None,
               deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None,
               method: Any = None, capture: bool = False, siamese_form: str | None = None,
-              head_positions_bk: jax.Array | None = None, **kwargs: Any) -> Any:
+              head_positions_bk: jax.Array | None = None, run_head: bool = True, **kwargs: Any) -> Any:
         """Run the model with adapters.
 
         active: ALL (every adapter in `state`), a name, a tuple of names (their deltas add up, as PEFT does
@@ -294,6 +294,8 @@ class AdaptedModel:
             decoding: the weights are read once). Default: the cache's form when decoding, else 'separate'.
         head_positions_bk: (B, K) int positions: the head runs only there (logits (B, K, V)), e.g. the positions a
             causal-LM loss scores, instead of full-vocabulary logits at every position (decoders only).
+        run_head: with head_positions_bk, False returns logits=None and hidden = the (B, K, D) states the head
+            would read (IMSM: after the gate); `head(frozen, state, h)` then gives their logits, e.g. chunk by chunk.
         Prefix adapters with a position offset shift the model's default positions (`position_offset_b`);
         decoding with a cache takes the shift from the cache (`init_cache`).
         """
@@ -301,7 +303,7 @@ class AdaptedModel:
         wrapped = [self.spec(n) for n in names if self.spec(n).wrapper is not None]
         if wrapped:
             return self._apply_siamese(frozen, state, wrapped[0], names, args, adapter_index, deterministic, rngs,
-                                       method, capture, kwargs, siamese_form, head_positions_bk)
+                                       method, capture, kwargs, siamese_form, head_positions_bk, run_head)
         if head_positions_bk is None:
             return self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, method, capture,
                                      kwargs)
@@ -310,19 +312,22 @@ class AdaptedModel:
         out = self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, "hidden_states",
                                 capture, kwargs)
         (h, cache), probes = out if capture else (out, None)
-        logits = self._gathered_head(frozen, state, names, h, head_positions_bk)
+        h_bkd = jnp.take_along_axis(h, head_positions_bk[..., None].astype(jnp.int32), axis=1)
+        logits = self.head(frozen, state, h_bkd, active=names) if run_head else None
         from jaxpeft.models.outputs import ModelOutput
 
-        result = ModelOutput(logits=logits, hidden=h, cache=cache)
+        result = ModelOutput(logits=logits, hidden=h if run_head else h_bkd, cache=cache)
         return (result, probes) if capture else result
 
-    def _gathered_head(self, frozen, state, names, h_btd, positions_bk):
-        """The head on the hidden states at positions_bk: (B, K, V) float32 (modules_to_save heads included)."""
+    def head(self, frozen: Mapping[str, Any], state: AdapterState | None, h_bkd: jax.Array,
+             active: str | Sequence[str] | None = ALL) -> jax.Array:
+        """The model's head (a decoder's LM head, modules_to_save copies of it included) on final hidden states
+        h_bkd (B, K, D) -> (B, K, V) float32 logits."""
+        names = self._active(state, active)
         params = dict(frozen)
         for n in names:
             params.update((state["trainable"][n].get("saved") or {}) if state else {})
-        h_bkd = jnp.take_along_axis(h_btd, positions_bk[..., None].astype(jnp.int32), axis=1)
-        return self.module.apply({"params": params}, h_bkd, jnp.ones(positions_bk.shape, bool), method="head")
+        return self.module.apply({"params": params}, h_bkd, jnp.ones(h_bkd.shape[:2], bool), method="head")
 
     def _apply_plain(self, frozen, state, names, args, adapter_index, deterministic, rngs, method, capture, kwargs):
         """apply() of adapters that intercept layers (a wrapper's inner method included)."""
@@ -356,7 +361,7 @@ class AdaptedModel:
             return self.module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kw)
 
     def _apply_siamese(self, frozen, state, spec, names, args, adapter_index, deterministic, rngs, method, capture,
-                       kwargs, form, head_positions_bk=None):
+                       kwargs, form, head_positions_bk=None, run_head=True):
         """IMSM: the base stream (W0 exactly: no adapter, no dropout, no gradient) and the inner adapter's stream
         read the same frozen tree; the gate mixes their final hidden states before the frozen head."""
         from jaxpeft.adapters.imsm import GATE_KEY, IMSMCache, gate_dropout, gate_values, mix, query_mean
@@ -390,9 +395,11 @@ class AdaptedModel:
         gate = state["trainable"][spec.name]["shared"].get(GATE_KEY, {})
         g = gate_values(cfg, gate, h_base, h_tuned, q_base, q_tuned, drop)
         h = mix(g, h_base, h_tuned)
-        params = dict(frozen)
-        params.update(state["trainable"][spec.name].get("saved") or {})
-        logits = self.module.apply({"params": params}, h, mask, method="head")
+        logits = None
+        if run_head or head_positions_bk is None:
+            params = dict(frozen)
+            params.update(state["trainable"][spec.name].get("saved") or {})
+            logits = self.module.apply({"params": params}, h, mask, method="head")
         new_cache = None
         if cache is not None:
             new_cache = IMSMCache(c_base, c_tuned, q_base, q_tuned, cache.q_valid_b | jnp.any(query_bt, axis=1))

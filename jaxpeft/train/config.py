@@ -162,6 +162,9 @@ class TrainSection(_Section):
     grad_accum: Int = Field(default=1, gt=0)
     """Micro-batches per optimizer step (each micro-batch holds batch_size // grad_accum rows)."""
     seed: Int = 0
+    loss_chunk: Int | None = Field(default=None, gt=0)
+    """Causal LM: run the LM head and cross-entropy this many scored positions at a time (recomputed in the
+    backward pass), so no (batch, positions, vocabulary) logits tensor is ever whole; None: all at once."""
     eval_every: Int = Field(default=50, gt=0)
     eval_batch_size: Int = Field(default=32, gt=0)
     log_every: Int = Field(default=10, gt=0)

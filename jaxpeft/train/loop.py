@@ -86,7 +86,8 @@ def init_optimizer_state(model: AdaptedModel, tx: optax.GradientTransformation, 
 
 def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransformation, grad_accum: int,
                     seed: int, peak_lr: float | None = None, total_steps: int | None = None,
-                    head_tokens: int | None = None, shardings: Sequence[Any] | None = None) -> Callable:
+                    head_tokens: int | None = None, shardings: Sequence[Any] | None = None,
+                    loss_chunk: int | None = None) -> Callable:
     """step(trainable, opt_state, frozen, extras, batch, step) -> (trainable, opt_state, terms).
 
     The batch (B, ...) is split into `grad_accum` micro-batches with a stride (micro-batch i holds rows i,
@@ -100,7 +101,9 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
     Training hooks (AdaLoRA) run after the update on the step's gradients (before clipping); opt_state then comes
     from `init_optimizer_state`, and total_steps is the run's length.
     head_tokens: K, run the head only at the K positions each row's loss scores (`gathered_head_tokens`), not
-    full-vocabulary logits at every position (causal LM); None: the full head.
+    full-vocabulary logits at every position (causal LM); None: the full head. loss_chunk: with head_tokens, the
+    head and cross-entropy run that many positions at a time (`CausalLMTask.chunked_loss`): at most
+    (B / grad_accum, loss_chunk, V) logits exist at once, also in the backward pass.
     shardings: (trainable, opt_state, frozen, extras, batch) shardings (trees or prefixes, e.g. from
     `jaxpeft.train.placement.Placement`): the step is compiled for them (terms replicated); None: as placed.
     """
@@ -117,7 +120,10 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
         if head_tokens:
             positions = task.scored_positions(mb, head_tokens)
             out = model.apply(frozen, state, mb["input_ids"], mb["attention_mask"], deterministic=False,
-                              rngs={"dropout": rng}, head_positions_bk=positions, **kw)
+                              rngs={"dropout": rng}, head_positions_bk=positions, run_head=not loss_chunk, **kw)
+            if loss_chunk:
+                return task.chunked_loss(out.hidden, lambda h: model.head(frozen, state, h), mb, positions,
+                                         loss_chunk)
             return task.gathered_loss(out, mb, positions)
         out = model.apply(frozen, state, mb["input_ids"], mb["attention_mask"], deterministic=False,
                           rngs={"dropout": rng}, **kw)

@@ -290,7 +290,8 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     head_tokens = gathered_head_tokens(train_examples) if cfg.model.task == "causal_lm" else None
     shardings = (place.like(trainable), opt_sh, place.like(frozen), place.like(ctx.state["extras"]), place.batch)
     step_fn = make_train_step(ctx.model, ctx.task, tx, cfg.train.grad_accum, cfg.train.seed, peak_lr=cfg.optim.lr,
-                              total_steps=cfg.train.steps, head_tokens=head_tokens, shardings=shardings)
+                              total_steps=cfg.train.steps, head_tokens=head_tokens, shardings=shardings,
+                              loss_chunk=cfg.train.loss_chunk if head_tokens else None)
     extras = ctx.state["extras"]
     last_eval: dict[str, float] = {}
     has_reg = ctx.model.has_regularizer("loss") or ctx.model.has_regularizer("post_clip")

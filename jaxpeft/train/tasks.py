@@ -117,6 +117,37 @@ class CausalLMTask(Task):
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
         return jnp.sum(nll * mask), jnp.sum(mask)
 
+    def chunked_loss(self, hidden_bkd: jax.Array, head: Any, batch: dict[str, Any], positions_bk: jax.Array,
+                     chunk: int) -> tuple[jax.Array, jax.Array]:
+        """`gathered_loss` with the head run `chunk` positions at a time: hidden_bkd (B, K, D) are the final states
+        at positions_bk, head(h (B, C, D)) -> (B, C, V) logits. Each chunk's logits are recomputed in the backward
+        pass (jax.checkpoint), so no more than (B, chunk, V) float32 logits exist at once."""
+        b, k, d = hidden_bkd.shape
+        chunk = min(chunk, k)
+        pad = -k % chunk
+        targets = jnp.take_along_axis(jnp.asarray(batch["input_ids"])[:, 1:], positions_bk, axis=1)
+        weights = jnp.take_along_axis(jnp.asarray(batch["loss_mask"])[:, 1:], positions_bk, axis=1)
+        weights = weights * jnp.asarray(batch["example_weight"])[:, None]
+        if pad:  # padded positions weigh 0
+            hidden_bkd = jnp.pad(hidden_bkd, ((0, 0), (0, pad), (0, 0)))
+            targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+        n = (k + pad) // chunk
+
+        def split(x):  # (B, n * C, ...) -> (n, B, C, ...)
+            return jnp.swapaxes(x.reshape((b, n, chunk) + x.shape[2:]), 0, 1)
+
+        @jax.checkpoint
+        def one(h_bcd, t_bc, w_bc):
+            logits = head(h_bcd).astype(jnp.float32)
+            picked = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
+            return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w_bc)
+
+        def body(total, xs):
+            return total + one(*xs), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden_bkd), split(targets), split(weights)))
+        return total, jnp.sum(weights)
+
     def references(self, row: dict[str, Any]) -> list[str]:
         refs = row.get("references") or [row[self.cfg.data.response_field]]
         return [str(r) for r in refs]

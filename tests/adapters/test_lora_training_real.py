@@ -31,7 +31,7 @@ def _encode(tok, rows):
     return ids, attn, loss_mask
 
 
-def test_lora_few_dozen_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_bitwise(smollm2_gguf):
+def test_lora_twenty_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_bitwise(smollm2_gguf):
     from jaxpeft import load_pretrained
 
     pre = load_pretrained(smollm2_gguf)
@@ -39,7 +39,7 @@ def test_lora_few_dozen_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_b
     frozen_copy = jax.tree.map(lambda x: np.array(x), frozen)
     model = AdaptedModel.wrap(pre.module).add("default", LoraConfig(r=8, lora_alpha=16))
     state = model.init(jax.random.key(0), frozen)
-    train = [json.loads(line) for line in open(DATA / "train.jsonl")][:320]
+    train = [json.loads(line) for line in open(DATA / "train.jsonl")][:160]
     val = [json.loads(line) for line in open(DATA / "validation.jsonl")][:64]
     v_ids, v_attn, v_mask = _encode(pre.tokenizer, val)
 
@@ -63,10 +63,10 @@ def test_lora_few_dozen_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_b
 
     eval_loss = jax.jit(loss_fn)
     loss0 = float(eval_loss(trainable, v_ids, v_attn, v_mask))
-    for s in range(40):
+    for s in range(20):
         batch = train[(s * 8) % len(train):(s * 8) % len(train) + 8]
         trainable, opt_state, _ = step(trainable, opt_state, *_encode(pre.tokenizer, batch))
     loss1 = float(eval_loss(trainable, v_ids, v_attn, v_mask))
     print(f"val loss {loss0:.4f} -> {loss1:.4f}")
-    assert loss1 <= 0.9 * loss0, (loss0, loss1)
+    assert loss1 <= 0.6 * loss0, (loss0, loss1)  # measured 2.43 -> 1.02
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), frozen, frozen_copy))

@@ -412,12 +412,14 @@ def test_default_cache_dir_and_opt_out(tmp_path, tiny_llama):
 # ------------------------------------------------------------------------------------------ vs transformers (tiny)
 
 
-def _hf_reference(path: Path):
-    """transformers' own GGUF loader on `path`: (config dict, float32 numpy state dict)."""
+def _hf_reference(path: Path, model=None):
+    """transformers' own GGUF loader on `path` (or its already loaded `model`): (config dict, float32 numpy
+    state dict)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     return cfg, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
 
@@ -587,9 +589,8 @@ def gemma3_loaded(gemma3_gguf):
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-def test_gemma3_matches_transformers(gemma3_gguf, gemma3_loaded):
-    pytest.importorskip("torch")
-    ref_cfg, ref_sd = _hf_reference(Path(gemma3_gguf))
+def test_gemma3_matches_transformers(gemma3_gguf, gemma3_loaded, gemma3_transformers):
+    ref_cfg, ref_sd = _hf_reference(Path(gemma3_gguf), gemma3_transformers)
     ck = gemma3_loaded
     _assert_config_matches(ck.hf_config, ref_cfg)
     _assert_matches_reference(ck, ref_sd)

@@ -103,16 +103,14 @@ def test_minilm_hidden_states_and_mean_pooled_embeddings_match_transformers(mini
 
 
 @pytest.mark.slow
-def test_gemma3_270m_short_logits_match_transformers_gguf(gemma3_gguf):
-    transformers = pytest.importorskip("transformers")
+def test_gemma3_270m_short_logits_match_transformers_gguf(gemma3_gguf, gemma3_transformers):
     import torch
 
     from jaxpeft import load_pretrained
 
     pre = load_pretrained(gemma3_gguf)
     ids = pre.tokenizer.encode("The capital of France is")
-    p = Path(gemma3_gguf)
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name).eval()
+    ref_model = gemma3_transformers
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits.numpy()
     out = pre.module.apply({"params": pre.params}, np.array([ids]))

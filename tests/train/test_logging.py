@@ -155,13 +155,30 @@ def test_progress_bar_on_a_tty_shows_loss_and_throughput(tmp_path, monkeypatch):
     assert "10/10" in out and "loss=0.5000" in out and "tok/s=" in out
 
 
-def test_progress_bar_disabled_off_tty_or_on_request(tmp_path, monkeypatch):
-    for enable, stream in ((True, io.StringIO()), (False, _FakeTTY())):
+def test_off_a_terminal_a_plain_line_every_log_every_steps_replaces_the_bar(tmp_path, monkeypatch):
+    stream = io.StringIO()  # a pod's or batch job's log file: no terminal
+    monkeypatch.setattr(sys, "stderr", stream)
+    with RunLogger(tmp_path, total_steps=10, start_step=2, tensorboard=False, log_every=4) as log:
+        for step in range(3, 11):
+            log.progress(step, loss=0.5, tokens=1000)
+    lines = stream.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["4/10", "8/10", "10/10"]  # every 4 steps and the last
+    assert all("loss 0.5000" in ln for ln in lines) and "tok/s" in lines[-1] and " eta 0:00:00" in lines[-1]
+    assert "\r" not in stream.getvalue()  # no bar redraws in a log file
+
+
+def test_progress_off_on_request_and_on_processes_that_do_not_write(tmp_path, monkeypatch):
+    for kw, stream in (({"enable_progress": False}, _FakeTTY()), ({"write": False}, _FakeTTY()),
+                       ({"write": False}, io.StringIO())):
         monkeypatch.setattr(sys, "stderr", stream)
-        with RunLogger(tmp_path / str(enable), total_steps=5, tensorboard=False, enable_progress=enable) as log:
+        run_dir = tmp_path / str(len(stream.getvalue()) + id(stream))
+        with RunLogger(run_dir, total_steps=5, tensorboard=False, log_every=1, **kw) as log:
             for step in range(1, 6):
+                log.log(step, {"loss": 1.0})
                 log.progress(step, loss=1.0, tokens=10)
         assert stream.getvalue() == ""
+        if kw.get("write") is False:  # a non-zero process of a multi-process run writes no run files
+            assert not run_dir.exists()
 
 
 def test_no_tensorflow_imported(tmp_path):

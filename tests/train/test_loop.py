@@ -370,8 +370,8 @@ def test_sorsa_regularizer_gradient_joins_after_clipping_scaled_by_gamma_over_pe
 # ------------------------------------------------------------------------------------------ gathered head
 
 @pytest.mark.parametrize("wrap_imsm", [False, True], ids=["lora", "imsm"])
-def test_gathered_head_gives_the_full_head_loss_and_gradient(nodrop, wrap_imsm):
-    """The head only at the K scored positions: the same loss and gradient as full logits (K from the examples)."""
+def test_gathered_and_chunked_head_give_the_full_head_loss_and_gradient(nodrop, wrap_imsm):
+    """The head only at the K scored positions, at once or in chunks: the same loss and gradient as full logits."""
     from jaxpeft.adapters import IMSMConfig
     from jaxpeft.train.loop import gathered_head_tokens
 
@@ -384,7 +384,10 @@ def test_gathered_head_gives_the_full_head_loss_and_gradient(nodrop, wrap_imsm):
     k = gathered_head_tokens(encode_rows(task, ROWS))
     assert k == 24  # "a much longer answer" + EOS: 21 scored tokens, rounded up to 8s
     steps = {kk: make_train_step(model, task, TX, 2, seed=0, head_tokens=kk) for kk in (None, k)}
+    # the chunked cross-entropy: 5 positions at a time (24 = 4 full chunks + a padded one)
+    steps["chunked"] = make_train_step(model, task, TX, 2, seed=0, head_tokens=k, loss_chunk=5)
     out = {kk: fn(copy(trainable), TX.init(trainable), frozen, extras, batch, np.int32(0)) for kk, fn in steps.items()}
-    assert abs(float(out[None][2]["loss"]) - float(out[k][2]["loss"])) < 1e-5
-    assert max_diff(out[None][0], out[k][0]) < 1e-5
+    for kk in (k, "chunked"):
+        assert abs(float(out[None][2]["loss"]) - float(out[kk][2]["loss"])) < 1e-5
+        assert max_diff(out[None][0], out[kk][0]) < 1e-5
     assert max_diff(out[None][0], trainable) > 1e-3  # the step moved the weights: the comparison means something

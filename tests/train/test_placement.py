@@ -110,6 +110,15 @@ def test_params_and_optimizer_state_carry_the_rule_shardings(sharded):
 
 
 @pytest.mark.slow
+def test_base_fingerprint_is_the_same_on_every_mesh_and_on_one_device(sharded, tiny_llama_dir):
+    from jaxpeft.loading.pretrained import load_pretrained
+    from jaxpeft.train.checkpoint import fingerprint
+
+    one = fingerprint(load_pretrained(tiny_llama_dir).params)
+    assert {res["fingerprint"] for res in sharded["lora"].values()} == {one}
+
+
+@pytest.mark.slow
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(sharded):
     _close(sharded["moved"]["losses"], sharded["single"]["lora"])
 
