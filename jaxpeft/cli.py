@@ -45,7 +45,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         pre = load_pretrained(args.checkpoint, dtype=args.dtype)
-        model_fn, params, key, init_cache, shift = None, pre.params, None, None, 0
+        params, adapted = pre.params, None
         if args.adapter:
             from jaxpeft.adapters import AdaptedModel
             from jaxpeft.adapters.native_io import load_any
@@ -56,11 +56,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
                 params, _ = merge(model, pre.params, state, "default")
             else:
-                def model_fn(p, ids, mask, cache):
-                    return model.apply(p[0], p[1], ids, mask, cache=cache)
-                params, key = (pre.params, state), (model, "adapted")
-                init_cache = lambda b, n: model.init_cache(state, b, n)  # noqa: E731
-                shift = model.max_position_shift()
+                adapted = (model, state)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,10 +70,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     ids = [tok.encode(p) for p in prompts]
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    outs = generate(pre.module, params, ids, max_new_tokens=args.max_new_tokens,
-                    eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id or 0,
-                    sampling=sampling, seed=args.seed, model_fn=model_fn, cache_key=key, init_cache=init_cache,
-                    position_shift=shift)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_token_ids=tok.eos_token_ids,
+                  pad_token_id=tok.pad_token_id or 0, sampling=sampling, seed=args.seed)
+    if adapted is None:
+        outs = generate(pre.module, params, ids, **common)
+    else:  # through the adapter (a model-owned decode state: prefix slots, IMSM's two streams)
+        from jaxpeft.train.loop import generate_with_adapter
+
+        outs = generate_with_adapter(adapted[0], pre.params, adapted[1], ids, batch_size=len(ids), **common)
     for out in outs:
         print(tok.decode(out, skip_special_tokens=True))
     return 0

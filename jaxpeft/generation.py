@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxpeft.models.cache import KVCache
 from jaxpeft.models.layers import jnp_dtype
+from jaxpeft.models.outputs import ModelOutput
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, KVCache], Any]
 
@@ -57,8 +58,12 @@ def choose_tokens(logits_bv: jax.Array, rng: jax.Array, sampling: SamplingConfig
 
 
 def _default_model_fn(module) -> ModelFn:
+    """The backbone with the head on the last position only (all a decode step reads): prefill never computes
+    (B, T, V) logits."""
     def fn(params, ids_bt, mask_bt, cache):
-        return module.apply({"params": params}, ids_bt, mask_bt, cache=cache)
+        h, new_cache = module.apply({"params": params}, ids_bt, mask_bt, cache=cache, method="hidden_states")
+        logits = module.apply({"params": params}, h[:, -1:], mask_bt[:, -1:], method="head")
+        return ModelOutput(logits=logits, cache=new_cache)
     return fn
 
 
@@ -79,7 +84,8 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
 
     prompts: token-id lists of any lengths (left-padded internally to a multiple of `bucket`).
     model_fn(params, ids_bt, mask_bt, cache) -> ModelOutput overrides the forward (adapters use it; pass a
-    `cache_key` that identifies it so its compiled function is reused). init_cache(batch, max_len) -> KVCache
+    `cache_key` that identifies it so its compiled function is reused); only logits[:, -1] are read, so it may
+    compute the head at the last position alone (the default does). init_cache(batch, max_len) -> KVCache
     lets the model own its decode state (prefix adapters reserve their slots: `AdaptedModel.init_cache`);
     position_shift: how far the model shifts positions (counted against GPT-2's learned positions).
     replicated: a replicated NamedSharding of the mesh `params` live on: prompts, cache and key are placed with

@@ -201,16 +201,43 @@ def make_regularizer(model: AdaptedModel) -> Callable:
     return jax.jit(lambda trainable, extras: model.regularizer({"trainable": trainable, "extras": extras}))
 
 
-def make_eval_loss(model: AdaptedModel, task: Task, replicated: Any = None) -> Callable:
-    """loss_terms(trainable, frozen, extras, batch) -> (loss sum, count, logits) with dropout off.
+def make_eval_loss(model: AdaptedModel, task: Task, replicated: Any = None, loss_chunk: int | None = None
+                   ) -> Callable:
+    """eval_fn(trainable, frozen, extras, batch) -> (loss sum, count, outputs) with dropout off.
 
-    replicated: a replicated sharding of the run's mesh: the outputs come back whole on every process."""
-    def fn(trainable, frozen, extras, batch):
-        out = model.apply(frozen, {"trainable": trainable, "extras": extras}, batch["input_ids"],
-                          batch["attention_mask"], **task.model_inputs(batch))
-        s, n = task.loss(out, batch)
-        return s, n, out.logits
-    return jax.jit(fn) if replicated is None else jax.jit(fn, out_shardings=replicated)
+    outputs: small per-row arrays, never full LM logits: {'pred'} (classification: predicted labels) or, for
+    causal LM, {'row_nll'} (B,): each row's summed nll over its scored tokens (choice scoring reads it). Causal
+    LM runs the head only at the scored positions (K from the batch's loss mask, rounded up to 8s: few compiles),
+    `loss_chunk` positions at a time when given. replicated: a replicated sharding of the run's mesh: the outputs
+    come back whole on every process.
+    """
+    from jaxpeft.train.tasks import CausalLMTask
+
+    def fn(trainable, frozen, extras, batch, head_tokens):
+        state = {"trainable": trainable, "extras": extras}
+        kw = task.model_inputs(batch)
+        if head_tokens is None:
+            out = model.apply(frozen, state, batch["input_ids"], batch["attention_mask"], **kw)
+            s, n = task.loss(out, batch)
+            return s, n, task.eval_outputs(out, batch)
+        positions = task.scored_positions(batch, head_tokens)
+        out = model.apply(frozen, state, batch["input_ids"], batch["attention_mask"], head_positions_bk=positions,
+                          run_head=False, **kw)
+        rows, n = task.chunked_row_loss(out.hidden, lambda h: model.head(frozen, state, h), batch, positions,
+                                        loss_chunk or head_tokens)
+        return jnp.sum(rows), n, {"row_nll": rows}
+
+    kw = {} if replicated is None else {"out_shardings": replicated}
+    compiled = jax.jit(fn, static_argnums=(4,), **kw)
+    gathered = isinstance(task, CausalLMTask) and model.model_cfg is not None and model.model_cfg.is_decoder
+
+    def eval_fn(trainable, frozen, extras, batch):
+        k = None
+        if gathered:
+            scored = int(np.max(np.sum(np.asarray(batch["loss_mask"])[:, 1:] > 0, axis=1), initial=0))
+            k = max(8, -(-scored // 8) * 8)
+        return compiled(trainable, frozen, extras, batch, k)
+    return eval_fn
 
 
 def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts: Sequence[Sequence[int]], *,
@@ -220,8 +247,9 @@ def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts:
     """Generate for many prompts in fixed-size batches (the last one padded), through the adapter.
 
     replicated: a replicated sharding of the mesh `frozen` lives on (prompts, cache and tokens are placed so)."""
-    def model_fn(params, ids, mask, cache):
-        return model.apply(params[0], params[1], ids, mask, cache=cache)
+    def model_fn(params, ids, mask, cache):  # the head at the last position only: prefill skips (B, T, V) logits
+        last_b1 = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
+        return model.apply(params[0], params[1], ids, mask, cache=cache, head_positions_bk=last_b1)
 
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
@@ -239,8 +267,8 @@ def generate_with_adapter(model: AdaptedModel, frozen: Any, state: Any, prompts:
 
 def iterate_losses(fn: Callable, trainable: Any, frozen: Any, extras: Any, batches: Iterable[dict[str, np.ndarray]],
                    placement: Any = None):
-    """Yield (loss sum, count, logits, host batch) over evaluation batches (placed on the run's mesh when given:
-    `jaxpeft.train.placement.Placement`)."""
+    """Yield (loss sum, count, outputs as numpy, host batch) over evaluation batches (placed on the run's mesh
+    when given: `jaxpeft.train.placement.Placement`); outputs as `make_eval_loss` returns them."""
     for batch in batches:
-        s, n, logits = fn(trainable, frozen, extras, placement.global_batch(batch) if placement else batch)
-        yield float(s), float(n), logits, batch
+        s, n, outputs = fn(trainable, frozen, extras, placement.global_batch(batch) if placement else batch)
+        yield float(s), float(n), {k: np.asarray(v) for k, v in outputs.items()}, batch

@@ -171,16 +171,16 @@ def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
     total = count = 0.0
     preds: list[Any] = []
     gold: list[Any] = []
-    for s, n, logits, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras,
-                                              eval_batches(ctx.eval_examples, cfg.train.eval_batch_size,
-                                                           cfg.data.buckets, pad), ctx.placement):
+    for s, n, outputs, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras,
+                                               eval_batches(ctx.eval_examples, cfg.train.eval_batch_size,
+                                                            cfg.data.buckets, pad), ctx.placement):
         total, count = total + s, count + n
         keep = batch["example_weight"] > 0
         if cfg.model.task == "seq_cls":
-            preds += np.asarray(logits).argmax(-1)[keep].tolist()
+            preds += outputs["pred"][keep].tolist()
             gold += batch["label"][keep].tolist()
         elif cfg.model.task == "token_cls":
-            arg = np.asarray(logits).argmax(-1)
+            arg = outputs["pred"]
             for i in np.nonzero(keep)[0]:
                 p, g = task.word_tags(batch["labels"][i], arg[i])
                 preds.append(p)
@@ -223,13 +223,10 @@ def _choice_accuracy(ctx: _Context, trainable: Any) -> float:
             owner.append((i, c))
     scores: list[float] = []
     frozen, extras = ctx.pretrained.params, ctx.state["extras"]
-    for batch in eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad):
-        _, _, logits = ctx.eval_loss_fn(trainable, frozen, extras,
-                                        ctx.placement.global_batch(batch) if ctx.placement else batch)
-        logp = jax.nn.log_softmax(np.asarray(logits, np.float32)[:, :-1], axis=-1)
-        tgt = batch["input_ids"][:, 1:]
-        ll = np.take_along_axis(np.asarray(logp), tgt[..., None], axis=-1)[..., 0] * batch["loss_mask"][:, 1:]
-        scores += ll.sum(-1)[batch["example_weight"] > 0].tolist()
+    batches = eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    for _, _, outputs, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras, batches, ctx.placement):
+        # each choice's summed log-probability, computed on device at its scored tokens only
+        scores += (-outputs["row_nll"])[batch["example_weight"] > 0].tolist()
     best: dict[int, tuple[float, int]] = {}
     for (i, c), s in zip(owner, scores):
         if i not in best or s > best[i][0]:
@@ -391,7 +388,8 @@ def _evaluate_base(ctx: _Context) -> dict[str, float]:
 def _with_model(ctx: _Context, model: AdaptedModel, state: Any) -> _Context:
     """A copy of the context evaluating `model` with `state` (its loss and regulariser functions rebuilt)."""
     rep = ctx.placement.replicated if ctx.placement else None
-    return dataclasses.replace(ctx, model=model, state=state, eval_loss_fn=make_eval_loss(model, ctx.task, rep),
+    return dataclasses.replace(ctx, model=model, state=state,
+                               eval_loss_fn=make_eval_loss(model, ctx.task, rep, ctx.cfg.train.loss_chunk),
                                reg_fn=make_regularizer(model) if model.has_regularizer("loss") else None)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxpeft.train.config import RunConfig
 from jaxpeft.train.data import DataError, Example
+from jaxpeft.train.losses import chunked_row_nll, weighted_nll
 
 MODEL_TASK = {"causal_lm": "causal_lm", "seq_cls": "seq_cls", "token_cls": "token_cls", "multiple_choice": "causal_lm"}
 DEFAULT_METRICS = {"causal_lm": ("exact_match",), "seq_cls": ("accuracy", "macro_f1", "mcc"),
@@ -51,6 +52,10 @@ class Task:
     def loss(self, out: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """(sum of per-item losses, number of items) for a batch; the mean is their ratio."""
         raise NotImplementedError
+
+    def eval_outputs(self, out: Any, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """The small per-row arrays evaluation reads back (e.g. predicted labels), never full logits."""
+        return {"pred": jnp.argmax(out.logits, axis=-1).astype(jnp.int32)}
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         extra = {}
@@ -94,11 +99,8 @@ class CausalLMTask(Task):
         return {"input_ids": ids, "loss_mask": [0.0] * len(p) + [1.0] * (len(ids) - len(p))}
 
     def loss(self, out, batch):
-        logits = out.logits[:, :-1].astype(jnp.float32)
-        targets = batch["input_ids"][:, 1:]
         mask = batch["loss_mask"][:, 1:] * batch["example_weight"][:, None]
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * mask), jnp.sum(mask)
+        return weighted_nll(out.logits[:, :-1], batch["input_ids"][:, 1:], mask)
 
     def scored_positions(self, batch: dict[str, Any], k: int) -> jax.Array:
         """(B, K) positions whose logits the loss needs (position p predicts token p + 1), scored ones first in
@@ -107,46 +109,30 @@ class CausalLMTask(Task):
         order = jnp.argsort(~scored, axis=1, stable=True)  # scored positions first, each group in position order
         return order[:, :k].astype(jnp.int32)
 
+    def _gathered(self, batch: dict[str, Any], positions_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(targets (B, K), weights (B, K)) at positions_bk: loss mask times example weight."""
+        targets = jnp.take_along_axis(jnp.asarray(batch["input_ids"])[:, 1:], positions_bk, axis=1)
+        weights = jnp.take_along_axis(jnp.asarray(batch["loss_mask"])[:, 1:], positions_bk, axis=1)
+        return targets, weights * jnp.asarray(batch["example_weight"])[:, None]
+
     def gathered_loss(self, out, batch: dict[str, Any], positions_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
         """`loss` from logits (B, K, V) computed only at positions_bk (see AdaptedModel.apply head_positions_bk);
         equal to the full loss when every scored position is among them."""
-        logits = out.logits.astype(jnp.float32)
-        targets = jnp.take_along_axis(jnp.asarray(batch["input_ids"])[:, 1:], positions_bk, axis=1)
-        weights = jnp.take_along_axis(jnp.asarray(batch["loss_mask"])[:, 1:], positions_bk, axis=1)
-        mask = weights * jnp.asarray(batch["example_weight"])[:, None]
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * mask), jnp.sum(mask)
+        return weighted_nll(out.logits, *self._gathered(batch, positions_bk))
+
+    def chunked_row_loss(self, hidden_bkd: jax.Array, head: Any, batch: dict[str, Any], positions_bk: jax.Array,
+                         chunk: int) -> tuple[jax.Array, jax.Array]:
+        """(per-row weighted nll sums (B,), total weight): `gathered_loss` with the head run `chunk` positions at
+        a time (`losses.chunked_row_nll`); hidden_bkd (B, K, D) are the final states at positions_bk and
+        head(h (B, C, D)) -> (B, C, V) logits."""
+        targets, weights = self._gathered(batch, positions_bk)
+        return chunked_row_nll(hidden_bkd, head, targets, weights, chunk), jnp.sum(weights)
 
     def chunked_loss(self, hidden_bkd: jax.Array, head: Any, batch: dict[str, Any], positions_bk: jax.Array,
                      chunk: int) -> tuple[jax.Array, jax.Array]:
-        """`gathered_loss` with the head run `chunk` positions at a time: hidden_bkd (B, K, D) are the final states
-        at positions_bk, head(h (B, C, D)) -> (B, C, V) logits. Each chunk's logits are recomputed in the backward
-        pass (jax.checkpoint), so no more than (B, chunk, V) float32 logits exist at once."""
-        b, k, d = hidden_bkd.shape
-        chunk = min(chunk, k)
-        pad = -k % chunk
-        targets = jnp.take_along_axis(jnp.asarray(batch["input_ids"])[:, 1:], positions_bk, axis=1)
-        weights = jnp.take_along_axis(jnp.asarray(batch["loss_mask"])[:, 1:], positions_bk, axis=1)
-        weights = weights * jnp.asarray(batch["example_weight"])[:, None]
-        if pad:  # padded positions weigh 0
-            hidden_bkd = jnp.pad(hidden_bkd, ((0, 0), (0, pad), (0, 0)))
-            targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
-        n = (k + pad) // chunk
-
-        def split(x):  # (B, n * C, ...) -> (n, B, C, ...)
-            return jnp.swapaxes(x.reshape((b, n, chunk) + x.shape[2:]), 0, 1)
-
-        @jax.checkpoint
-        def one(h_bcd, t_bc, w_bc):
-            logits = head(h_bcd).astype(jnp.float32)
-            picked = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
-            return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w_bc)
-
-        def body(total, xs):
-            return total + one(*xs), None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden_bkd), split(targets), split(weights)))
-        return total, jnp.sum(weights)
+        """(loss sum, count) of `chunked_row_loss`."""
+        rows, count = self.chunked_row_loss(hidden_bkd, head, batch, positions_bk, chunk)
+        return jnp.sum(rows), count
 
     def references(self, row: dict[str, Any]) -> list[str]:
         refs = row.get("references") or [row[self.cfg.data.response_field]]
@@ -194,10 +180,7 @@ class SeqClsTask(Task):
         return ex
 
     def loss(self, out, batch):
-        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
-        w = batch["example_weight"]
-        return jnp.sum(nll * w), jnp.sum(w)
+        return weighted_nll(out.logits, batch["label"], batch["example_weight"])
 
 
 class TokenClsTask(Task):
@@ -229,9 +212,7 @@ class TokenClsTask(Task):
     def loss(self, out, batch):
         labels = batch["labels"]
         valid = (labels >= 0) * batch["example_weight"][:, None]
-        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * valid), jnp.sum(valid)
+        return weighted_nll(out.logits, jnp.maximum(labels, 0), valid)
 
     def word_tags(self, labels_t: np.ndarray, pred_t: np.ndarray) -> tuple[list[str], list[str]]:
         keep = labels_t >= 0
