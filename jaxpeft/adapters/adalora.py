@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
-from jaxpeft.adapters.method import DenseMethod, get_path, register
+from jaxpeft.adapters.method import DenseMethod, get_path, low_rank, register
 from jaxpeft.adapters.svd import orthogonality_gap
 
 SCALE_EPS = 1e-5
@@ -103,8 +103,7 @@ class Adalora(DenseMethod):
                 "lora_B": 0.02 * jax.random.normal(kb, (cfg.init_r, n_out), jnp.float32)}, {}
 
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
-        xa = dropout(x).astype(jnp.float32) @ trainable["lora_A"]
-        return scale * ((xa * trainable["lora_E"]) @ trainable["lora_B"])
+        return scale * low_rank(dropout(x), trainable["lora_A"], trainable["lora_B"], trainable["lora_E"])
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):
         delta = scale * ((trainable["lora_A"] * trainable["lora_E"]) @ trainable["lora_B"])

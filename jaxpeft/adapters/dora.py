@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import Lora, LoraConfig, lora_scale
-from jaxpeft.adapters.method import register
+from jaxpeft.adapters.method import low_rank, register
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Dora(Lora):
         else:
             dt = base_out.dtype
             xw = jnp.dot(xd.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
-        lora = (xd.astype(jnp.float32) @ a) @ b
+        lora = low_rank(xd, a, b)
         return (mag_norm_scale - 1.0) * xw + mag_norm_scale * (scale * lora)
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):

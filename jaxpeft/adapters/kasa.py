@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import Lora, LoraConfig
-from jaxpeft.adapters.method import register
+from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.svd import low_rank_out, orthogonality_gap, svd_f32
 
 PRESETS = {
@@ -100,8 +100,7 @@ class Kasa(Lora):
         return trainable, extras
 
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
-        xa = dropout(x).astype(jnp.float32) @ trainable["lora_A"]
-        delta = scale * ((xa * trainable["lora_diag"]) @ trainable["lora_B"])
+        delta = scale * low_rank(dropout(x), trainable["lora_A"], trainable["lora_B"], trainable["lora_diag"])
         if "kasa_drop_left" in extras:
             delta = delta - low_rank_out(x, extras["kasa_drop_left"], extras["kasa_drop_right"])
         return delta

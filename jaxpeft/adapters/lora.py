@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.method import DenseMethod, register
+from jaxpeft.adapters.method import DenseMethod, low_rank, register
 
 DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "gemma3_text": ("q_proj", "v_proj"),
@@ -88,8 +88,7 @@ class Lora(DenseMethod):
         return {"lora_A": a, "lora_B": b}, {}
 
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
-        xa = dropout(x).astype(jnp.float32) @ trainable["lora_A"]
-        return scale * (xa @ trainable["lora_B"])
+        return scale * low_rank(dropout(x), trainable["lora_A"], trainable["lora_B"])
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):
         delta = scale * (trainable["lora_A"] @ trainable["lora_B"])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.models.attention import Prefix
@@ -191,6 +192,21 @@ class PrefixMethod(Method):
         """The same adapter without training-time machinery (e.g. a reparameterisation MLP folded into plain
         prefixes): (config, trainable, extras) of one adapter's state. Default: unchanged."""
         return cfg, trainable, extras
+
+
+def mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w in x's (compute) dtype with float32 accumulation, float32 result: bf16 runs keep their activations in
+    bf16 (the small adapter factor is cast, never x); float32 runs are unchanged."""
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def low_rank(x: jax.Array, left: jax.Array, right: jax.Array, middle: jax.Array | None = None) -> jax.Array:
+    """((x left) * middle) right -> float32 (..., n_out) for x (..., n_in) in the compute dtype, left (n_in, r),
+    middle (r,) or None, right (r, n_out): both matmuls in x's dtype with float32 accumulation (`mm`)."""
+    xa = mm(x, left)
+    if middle is not None:
+        xa = xa * middle
+    return mm(xa.astype(x.dtype), right)
 
 
 def merge_paths(tree: Any, additions: dict[str, Vars]) -> Any:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import Lora, LoraConfig
-from jaxpeft.adapters.method import register
+from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.svd import check_rank, low_rank_out, randomized_svd_f32, svd_f32
 
 
@@ -44,7 +44,7 @@ class ResidualLoRA(Lora):
 
     def adapter_out(self, cfg, trainable, x):
         """(x A) B in float32 for x (..., n_in); subclasses with a middle factor override it."""
-        return (x.astype(jnp.float32) @ trainable["lora_A"]) @ trainable["lora_B"]
+        return low_rank(x, trainable["lora_A"], trainable["lora_B"])
 
     def adapter_matrix(self, cfg, trainable):
         """A B (n_in, n_out), float32."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
-from jaxpeft.adapters.method import DenseMethod, register
+from jaxpeft.adapters.method import DenseMethod, mm, register
 from jaxpeft.adapters.svd import svd_f32
 
 
@@ -82,9 +82,9 @@ class Salt(DenseMethod):
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
         top, tail = self._sigma_change(trainable, extras)
         r_t = top.shape[0]
-        xu = x.astype(jnp.float32) @ extras["salt_U"]  # (..., k)
+        xu = mm(x, extras["salt_U"])  # (..., k)
         z = jnp.concatenate([xu[..., :r_t] * top, xu[..., r_t:] @ tail], axis=-1)
-        return z @ extras["salt_Vt"]
+        return mm(z.astype(x.dtype), extras["salt_Vt"])
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):
         top, tail = self._sigma_change(trainable, extras)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import LoraConfig
-from jaxpeft.adapters.method import register
+from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.pissa import ResidualLoRA
 from jaxpeft.adapters.svd import check_rank, orthogonality_gap, svd_f32
 
@@ -55,7 +55,7 @@ class Sorsa(ResidualLoRA):
         return trainable["sorsa_S"]
 
     def adapter_out(self, cfg, trainable, x):
-        return ((x.astype(jnp.float32) @ trainable["lora_A"]) * trainable["sorsa_S"]) @ trainable["lora_B"]
+        return low_rank(x, trainable["lora_A"], trainable["lora_B"], trainable["sorsa_S"])
 
     def adapter_matrix(self, cfg, trainable):
         return (trainable["lora_A"] * trainable["sorsa_S"]) @ trainable["lora_B"]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
-from jaxpeft.adapters.method import DenseMethod, register
+from jaxpeft.adapters.method import DenseMethod, low_rank, register
 from jaxpeft.adapters.svd import check_rank, svd_f32
 
 
@@ -45,7 +45,7 @@ class Svfit(DenseMethod):
 
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
         change = trainable["svfit_sigma"] - extras["svfit_sigma0"]
-        return ((x.astype(jnp.float32) @ extras["svfit_P"]) * change) @ extras["svfit_Qt"]
+        return low_rank(x, extras["svfit_P"], extras["svfit_Qt"], change)
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):
         change = trainable["svfit_sigma"] - extras["svfit_sigma0"]
