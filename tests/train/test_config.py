@@ -56,6 +56,8 @@ BAD = {
     "adapter option wrong type": ({"adapter.r": "8"}, ["adapter.r", "expected int"]),
     "adapter option float for int": ({"adapter.r": 8.0}, ["adapter.r", "expected int"]),
     "adapter option for another method": ({"adapter.method": "ia3", "adapter.r": 8}, ["adapter.r", "ia3"]),
+    "zero mesh size": ({"mesh.fsdp": 0}, ["mesh.fsdp", "-1 for the devices"]),
+    "rule onto no mesh axis": ({"mesh.rules": {"embed": "model"}}, ["mesh.rules", "data, fsdp or tensor"]),
 }
 
 
@@ -207,7 +209,8 @@ def test_valid_yaml_maps_one_to_one(tmp_path):
     assert dump_config(again) == text
     # the dump names every section and key explicitly (defaults included)
     dumped = yaml.safe_load(text)
-    assert set(dumped) == {"model", "adapter", "data", "optim", "train", "generation", "metrics"}
+    assert set(dumped) == {"model", "adapter", "data", "optim", "train", "generation", "mesh", "metrics"}
+    assert dumped["mesh"] == {"data": -1, "fsdp": 1, "tensor": 1, "rules": None}
     assert dumped["train"]["eval_every"] == 50 and dumped["adapter"]["method"] == "lora"
 
 

@@ -138,3 +138,31 @@ def test_other_methods_on_a_2x2x2_mesh_equal_one_device(sharded, method):
     turns that noise in near-zero gradient entries into lr-sized steps (SORSA, whose orthogonality gradient is ~0
     at its orthonormal init, measured 1.5e-5 at step 5)."""
     _close(sharded["methods"][method]["losses"], sharded["single"][method], rtol_after_4=1e-4)
+
+
+def test_a_mesh_the_devices_cannot_hold_is_a_config_error_before_loading(build_config, tmp_path):
+    from jaxpeft.train import run
+    from jaxpeft.train.config import ConfigError
+
+    cfg = build_config({"train": {"output_dir": str(tmp_path / "run")}, "mesh": {"data": 2}})
+    with pytest.raises(ConfigError, match=r"mesh: mesh .* needs 2 devices but there are 1: make data \* fsdp \* "
+                                          r"tensor equal 1"):
+        run(cfg, verbose=False)
+
+
+def test_global_batch_must_split_over_the_data_parallel_devices():
+    import jax
+    import numpy as np
+    from jax.sharding import AbstractMesh
+
+    from jaxpeft.parallel import make_mesh
+    from jaxpeft.train.placement import Placement
+
+    wide = Placement(AbstractMesh((2, 4, 2), ("data", "fsdp", "tensor")))
+    assert wide.batch_divisor == 8  # rows split over data and fsdp, not tensor
+    with pytest.raises(ValueError, match="6 rows cannot be split over 8 data-parallel devices"):
+        wide.global_batch({"input_ids": np.zeros((6, 4), np.int32)})
+    place = Placement(make_mesh())
+    batch = {"input_ids": np.arange(6, dtype=np.int32).reshape(3, 2)}
+    out = place.global_batch(batch)
+    assert isinstance(out["input_ids"], jax.Array) and np.array_equal(np.asarray(out["input_ids"]), batch["input_ids"])
