@@ -62,20 +62,6 @@ def method_config(name: str):
             "apt": APTConfig(num_virtual_tokens=32), "imsm": IMSMConfig(inner=lora)}[name]
 
 
-class _SFT:
-    """The causal-LM task's loss pieces without a tokenizer (the step needs only these)."""
-
-    def __init__(self):
-        from jaxpeft.train.tasks import CausalLMTask
-
-        self._task = CausalLMTask.__new__(CausalLMTask)
-
-    def __getattr__(self, name):
-        from jaxpeft.train.tasks import CausalLMTask
-
-        return getattr(CausalLMTask, name).__get__(self._task)
-
-
 def compile_step(method: str, chips: int, layers: int, scan: bool, accum: int, rows: int, chunk: int):
     """(compiled step, base param count, trainable param count) for an abstract Llama-3-8B-shaped model."""
     from jax.experimental import topologies
@@ -88,6 +74,7 @@ def compile_step(method: str, chips: int, layers: int, scan: bool, accum: int, r
     from jaxpeft.train.config import OptimSection
     from jaxpeft.train.loop import init_optimizer_state, make_optimizer, make_train_step
     from jaxpeft.train.placement import Placement
+    from jaxpeft.train.tasks import CausalLMTask
 
     topo = topologies.get_topology_desc(topology_name=TOPOLOGY[chips], platform="tpu")
     mesh = make_mesh(data=1, fsdp=chips, tensor=1, devices=topo.devices)
@@ -110,9 +97,9 @@ def compile_step(method: str, chips: int, layers: int, scan: bool, accum: int, r
              "attention_mask": jax.ShapeDtypeStruct((rows, SEQ), jnp.int32),
              "loss_mask": jax.ShapeDtypeStruct((rows, SEQ), jnp.int32),
              "example_weight": jax.ShapeDtypeStruct((rows,), jnp.float32)}
-    step = make_train_step(model, _SFT(), tx, accum, seed=0, head_tokens=SCORED, loss_chunk=chunk,
-                           shardings=(state_sh["trainable"], opt_sh, place.like(frozen), state_sh["extras"],
-                                      place.batch))
+    shardings = (state_sh["trainable"], opt_sh, place.like(frozen), state_sh["extras"], place.batch)
+    step = make_train_step(model, CausalLMTask(None, None), tx, accum, seed=0, head_tokens=SCORED,
+                           loss_chunk=chunk, shardings=shardings)
     compiled = step.lower(state["trainable"], opt, frozen, state["extras"], batch,
                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
     return compiled, n_base, sum(x.size for x in jax.tree.leaves(state["trainable"]))
