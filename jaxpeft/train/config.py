@@ -112,8 +112,14 @@ class DataSection(_Section):
     max_length: Int = Field(default=128, gt=0)
     """Longest tokenized example; longer rows are an error unless truncate is true."""
     truncate: Bool = False
-    buckets: tuple[Int, ...] = (32, 64, 128)
-    """Padded lengths (jit compiles once per bucket); rows go to the smallest bucket that fits."""
+    buckets: tuple[Int, ...] | Literal["auto"] = "auto"
+    """Padded lengths (jit compiles once per bucket); a batch goes to the smallest bucket that fits its longest
+    row. 'auto': at most max_buckets lengths (multiples of bucket_multiple) chosen from the data's own batch
+    maxima to pad least, plus max_length as the fallback; the run prints the buckets it uses."""
+    bucket_multiple: Int = Field(default=8, gt=0)
+    """'auto' buckets are multiples of this (8 suits accelerators; 1 pads least on CPU)."""
+    max_buckets: Int = Field(default=4, gt=0)
+    """'auto': at most this many bucket lengths besides the max_length fallback (one compile each)."""
     prompt_format: Literal["plain", "chat"] = "plain"
     """'plain': prompt + ' ' + response; 'chat': the checkpoint's chat template around the prompt."""
     text_field: str = "text"
@@ -130,16 +136,18 @@ class DataSection(_Section):
 
     @field_validator("buckets")
     @classmethod
-    def _buckets(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _buckets(cls, v: tuple[int, ...] | str) -> tuple[int, ...] | str:
+        if v == "auto":
+            return v
         if not v or any(b <= 0 for b in v) or list(v) != sorted(set(v)):
             raise ValueError("buckets must be positive, strictly increasing lengths")
         return v
 
     @field_validator("buckets")
     @classmethod
-    def _lengths(cls, v: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+    def _lengths(cls, v: tuple[int, ...] | str, info: ValidationInfo) -> tuple[int, ...] | str:
         max_length = info.data.get("max_length")
-        if max_length is not None and v and v[-1] < max_length:
+        if max_length is not None and v != "auto" and v and v[-1] < max_length:
             raise ValueError(f"the largest bucket ({v[-1]}) is smaller than max_length ({max_length}): "
                              "add a bucket >= max_length")
         return v

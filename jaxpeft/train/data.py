@@ -76,6 +76,57 @@ def _load_tfds(name: str, split: str, max_rows: int | None) -> list[dict[str, An
     return rows
 
 
+def plan_buckets(batch_maxima: Sequence[int], max_length: int, multiple: int = 8, max_buckets: int = 4
+                 ) -> tuple[int, ...]:
+    """Bucket lengths that pad the given batches least: at most `max_buckets` multiples of `multiple` chosen by
+    dynamic programming over the batches' longest rows (each batch pads to the smallest bucket >= its longest
+    row), the fewest that come within 2% of the batches' tokens of the least padding (each bucket is one
+    compile), plus max_length (rounded up) as the fallback for anything longer. Deterministic."""
+    def up(n: int) -> int:
+        return -(-int(n) // multiple) * multiple
+
+    top = up(max_length)
+    sizes = sorted(min(up(m), top) for m in batch_maxima)
+    cands = sorted(set(sizes))
+    if not cands:
+        return (top,)
+    counts = [sizes.count(c) for c in cands]
+    # best[j][k]: least padding of the batches up to candidate j with k buckets, the last one at cands[j]
+    inf = float("inf")
+    n = len(cands)
+    best = [[inf] * (max_buckets + 1) for _ in range(n)]
+    prev = [[-1] * (max_buckets + 1) for _ in range(n)]
+
+    def cost(i: int, j: int) -> float:  # batches with sizes in cands[i+1 .. j] padded to cands[j]
+        return sum(counts[t] * (cands[j] - cands[t]) for t in range(i + 1, j + 1))
+    for j in range(n):
+        best[j][1] = cost(-1, j)
+        for k in range(2, max_buckets + 1):
+            for i in range(j):
+                c = best[i][k - 1] + cost(i, j)
+                if c < best[j][k]:
+                    best[j][k], prev[j][k] = c, i
+    # fewest buckets (compiles) whose padding is within 2% of the batches' tokens of the best possible
+    least = min(best[n - 1][1:])
+    k = next(kk for kk in range(1, max_buckets + 1) if best[n - 1][kk] <= least + 0.02 * sum(sizes))
+    chosen, j = [], n - 1
+    while j >= 0 and k >= 1:
+        chosen.append(cands[j])
+        j, k = prev[j][k], k - 1
+    return tuple(sorted(set(chosen) | {top}))
+
+
+def batch_maxima(examples: Sequence[Example], batch_size: int, seed: int | None = None) -> list[int]:
+    """The longest row of each batch: the training order of epoch 0 (`Batcher`, seed given) or sequential
+    evaluation batches (seed None)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    order = (np.random.default_rng([seed, 0]).permutation(len(lengths)) if seed is not None
+             else np.arange(len(lengths)))
+    full = len(order) // batch_size if seed is not None else -(-len(order) // batch_size)
+    return [max(lengths[j] for j in order[i * batch_size:(i + 1) * batch_size]) for i in range(full)
+            if len(order[i * batch_size:(i + 1) * batch_size])]
+
+
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:

@@ -115,7 +115,7 @@ def _eval_inputs(ctx: Any, trainable: Any) -> tuple[dict[str, Any], Iterable[dic
 
     pad = ctx.pretrained.tokenizer.pad_token_id or 0
     state = {"trainable": trainable, "extras": ctx.state["extras"]}
-    return state, eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    return state, eval_batches(ctx.eval_examples, ctx.cfg.train.eval_batch_size, ctx.buckets, pad)
 
 
 def gate_report(ctx: Any, trainable: Any, out_dir: str | os.PathLike) -> dict[str, Path]:

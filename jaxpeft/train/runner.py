@@ -64,6 +64,8 @@ class _Context:
     eval_loss_fn: Any = None
     reg_fn: Any = None
     placement: Placement | None = None
+    buckets: tuple[int, ...] = ()
+    """Padded lengths in use (data.buckets, or those 'auto' planned from the data)."""
 
 
 def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
@@ -100,8 +102,24 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
     state = _init_state(model, pre.params, cfg.train.seed, _calibration(cfg, model, pre.params, task, calibrate),
                         placement)
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
-    ctx = _Context(cfg, pre, task, model, state, eval_rows, encode_rows(task, eval_rows), placement=placement)
+    eval_examples = encode_rows(task, eval_rows)
+    ctx = _Context(cfg, pre, task, model, state, eval_rows, eval_examples, placement=placement,
+                   buckets=_buckets(cfg, [], eval_examples))
     return _with_model(ctx, model, state)
+
+
+def _buckets(cfg: RunConfig, train_examples: list[Any], eval_examples: list[Any]) -> tuple[int, ...]:
+    """data.buckets, or for 'auto' the lengths planned from the batches this run will form (training order of
+    epoch 0 and the evaluation batches) with data.max_length as the fallback."""
+    from jaxpeft.train.data import batch_maxima, plan_buckets
+
+    d = cfg.data
+    if d.buckets != "auto":
+        return tuple(d.buckets)
+    maxima = batch_maxima(eval_examples, cfg.train.eval_batch_size)
+    if len(train_examples) >= cfg.train.batch_size:
+        maxima += batch_maxima(train_examples, cfg.train.batch_size, seed=cfg.train.seed)
+    return plan_buckets(maxima, d.max_length, d.bucket_multiple, d.max_buckets)
 
 
 def _placement(cfg: RunConfig) -> Placement:
@@ -173,7 +191,7 @@ def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
     gold: list[Any] = []
     for s, n, outputs, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras,
                                                eval_batches(ctx.eval_examples, cfg.train.eval_batch_size,
-                                                            cfg.data.buckets, pad), ctx.placement):
+                                                            ctx.buckets, pad), ctx.placement):
         total, count = total + s, count + n
         keep = batch["example_weight"] > 0
         if cfg.model.task == "seq_cls":
@@ -223,7 +241,7 @@ def _choice_accuracy(ctx: _Context, trainable: Any) -> float:
             owner.append((i, c))
     scores: list[float] = []
     frozen, extras = ctx.pretrained.params, ctx.state["extras"]
-    batches = eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.cfg.data.buckets, pad)
+    batches = eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.buckets, pad)
     for _, _, outputs, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras, batches, ctx.placement):
         # each choice's summed log-probability, computed on device at its scored tokens only
         scores += (-outputs["row_nll"])[batch["example_weight"] > 0].tolist()
@@ -258,8 +276,11 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     say(trainable_parameters_line(ctx.model, ctx.state, frozen))
     train_rows = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
     train_examples = encode_rows(ctx.task, train_rows)
+    ctx = dataclasses.replace(ctx, buckets=_buckets(cfg, train_examples, ctx.eval_examples))
+    say(f"padded lengths (one compile each when used): {list(ctx.buckets)}"
+        + (" (planned from the data)" if cfg.data.buckets == "auto" else ""))
     pad = ctx.pretrained.tokenizer.pad_token_id or 0
-    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.data.buckets, pad, cfg.train.seed)
+    batcher = Batcher(train_examples, cfg.train.batch_size, ctx.buckets, pad, cfg.train.seed)
     tx = _optimizer(ctx)
     trainable = ctx.state["trainable"]
     opt_state, opt_sh = _init_opt_state(ctx, tx)

@@ -42,6 +42,7 @@ BAD = {
     "zero steps": ({"train.steps": 0}, ["train.steps", "greater than 0"]),
     "zero max_length": ({"data.max_length": 0}, ["data.max_length"]),
     "buckets not increasing": ({"data.buckets": [32, 16]}, ["data.buckets", "increasing"]),
+    "buckets neither lengths nor auto": ({"data.buckets": "fine"}, ["data.buckets", "auto"]),
     "top_p above 1": ({"generation.top_p": 1.5}, ["generation.top_p", "less than or equal to 1"]),
     "negative temperature": ({"generation.temperature": -0.5}, ["generation.temperature"]),
     "b2 of 1": ({"optim.b2": 1.0}, ["optim.b2"]),
@@ -217,7 +218,7 @@ def test_valid_yaml_maps_one_to_one(tmp_path):
 def test_defaults_are_valid_and_minimal_config_loads():
     cfg = load_config({"model": {"checkpoint": "x"}, "data": {"path": "d"}})
     assert cfg.model.task == "causal_lm" and cfg.adapter.method == "lora"
-    assert cfg.data.buckets[-1] >= cfg.data.max_length
+    assert cfg.data.buckets == "auto" and cfg.data.bucket_multiple == 8  # planned from the data, max_length last
     assert cfg.train.batch_size % cfg.train.grad_accum == 0
 
 

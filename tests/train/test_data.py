@@ -241,3 +241,30 @@ def test_batcher_buckets_per_batch_and_too_few_rows():
     assert shapes <= {(2, 4), (2, 16)} and (2, 16) in shapes
     with pytest.raises(DataError, match="batch_size"):
         Batcher(examples[:3], 4, (16,), 0, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ auto buckets
+
+def test_planned_buckets_pad_least_with_few_compiles_and_keep_the_max_length_fallback():
+    from jaxpeft.train.data import plan_buckets
+
+    maxima = [21, 23, 25, 25, 25, 24, 22]
+    assert plan_buckets(maxima, 32, multiple=1) == (22, 25, 32)  # 2 planned lengths + the fallback
+    assert plan_buckets(maxima, 32, multiple=8) == (24, 32)
+    assert plan_buckets(maxima, 32, multiple=1, max_buckets=1) == (25, 32)
+    assert plan_buckets([], 128) == (128,)
+    # padding never exceeds what one bucket at the longest batch would give, and every batch fits a bucket
+    wide = [10, 50, 60, 100, 120, 128, 12, 14, 16]
+    chosen = plan_buckets(wide, 128, multiple=8)
+    pad = sum(min(b for b in chosen if b >= m) - m for m in wide)
+    assert pad < sum(128 - m for m in wide) and len(chosen) <= 5
+
+
+def test_batch_maxima_follow_the_training_order_and_the_evaluation_chunks():
+    from jaxpeft.train.data import Batcher, batch_maxima
+
+    examples = [{"input_ids": list(range(n))} for n in (3, 9, 4, 7, 5, 2, 8)]
+    batcher = Batcher(examples, 3, (16,), 0, seed=5)
+    want = [int(b["attention_mask"].sum(1).max()) for _, (_, _, b) in zip(range(2), batcher.iterate())]
+    assert batch_maxima(examples, 3, seed=5) == want  # two full batches; the rest is dropped as in training
+    assert batch_maxima(examples, 3) == [9, 7, 8]  # sequential evaluation batches, the last one short
