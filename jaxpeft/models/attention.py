@@ -144,17 +144,21 @@ def attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: j
            dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention with GQA; (B, T, H, d_h) x (B, S, H_kv, d_h) -> (B, T, H, d_h).
 
-    Uses `jax.nn.dot_product_attention` unless attention dropout is active. Fully masked query rows (left
-    padding) give finite garbage; callers ignore those positions.
+    Uses `jax.nn.dot_product_attention` unless attention dropout is active; then a grouped einsum (K/V are not
+    repeated per query head). Fully masked query rows (left padding) give finite garbage; callers ignore those
+    positions.
     """
     if dropout_rate == 0.0 or dropout_rng is None:
         return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_b1ts, scale=scale)
-    h, hkv = q_bthd.shape[2], k_bshd.shape[2]
-    k = jnp.repeat(k_bshd, h // hkv, axis=2)
-    v = jnp.repeat(v_bshd, h // hkv, axis=2)
-    logits = jnp.einsum("bthd,bshd->bhts", q_bthd, k).astype(jnp.float32) * scale
-    logits = jnp.where(mask_b1ts, logits, jnp.finfo(jnp.float32).min)
+    b, t, h, d = q_bthd.shape
+    hkv = k_bshd.shape[2]
+    g = h // hkv  # query heads per K/V head: grouped, K and V are never repeated (head h reads K/V head h // g)
+    q_btkgd = q_bthd.reshape(b, t, hkv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bshd).astype(jnp.float32) * scale
+    logits = jnp.where(mask_b1ts[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    # the mask is drawn in the (B, H, T, S) layout of the heads, so the realisation does not depend on grouping
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, h, t, probs.shape[-1]))
+    keep = keep.reshape(probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_bshd.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd).reshape(b, t, h, d)
