@@ -203,7 +203,8 @@ def make_regularizer(model: AdaptedModel) -> Callable:
 
 def make_eval_loss(model: AdaptedModel, task: Task, replicated: Any = None, loss_chunk: int | None = None
                    ) -> Callable:
-    """eval_fn(trainable, frozen, extras, batch) -> (loss sum, count, outputs) with dropout off.
+    """eval_fn(trainable, frozen, extras, host batch, placement=None) -> (loss sum, count, outputs), dropout off;
+    with a placement (`jaxpeft.train.placement.Placement`) the batch goes onto the run's mesh first.
 
     outputs: small per-row arrays, never full LM logits: {'pred'} (classification: predicted labels) or, for
     causal LM, {'row_nll'} (B,): each row's summed nll over its scored tokens (choice scoring reads it). Causal
@@ -231,12 +232,12 @@ def make_eval_loss(model: AdaptedModel, task: Task, replicated: Any = None, loss
     compiled = jax.jit(fn, static_argnums=(4,), **kw)
     gathered = isinstance(task, CausalLMTask) and model.model_cfg is not None and model.model_cfg.is_decoder
 
-    def eval_fn(trainable, frozen, extras, batch):
+    def eval_fn(trainable, frozen, extras, batch, placement=None):
         k = None
-        if gathered:
+        if gathered:  # from the host batch: every process plans the same K
             scored = int(np.max(np.sum(np.asarray(batch["loss_mask"])[:, 1:] > 0, axis=1), initial=0))
             k = max(8, -(-scored // 8) * 8)
-        return compiled(trainable, frozen, extras, batch, k)
+        return compiled(trainable, frozen, extras, placement.global_batch(batch) if placement else batch, k)
     return eval_fn
 
 
@@ -270,5 +271,5 @@ def iterate_losses(fn: Callable, trainable: Any, frozen: Any, extras: Any, batch
     """Yield (loss sum, count, outputs as numpy, host batch) over evaluation batches (placed on the run's mesh
     when given: `jaxpeft.train.placement.Placement`); outputs as `make_eval_loss` returns them."""
     for batch in batches:
-        s, n, outputs = fn(trainable, frozen, extras, placement.global_batch(batch) if placement else batch)
+        s, n, outputs = fn(trainable, frozen, extras, batch, placement)
         yield float(s), float(n), {k: np.asarray(v) for k, v in outputs.items()}, batch
