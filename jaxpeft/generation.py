@@ -1,7 +1,7 @@
 """Jitted text generation with a KV cache: greedy or sampling (temperature, top-k, top-p), stop tokens,
 batched prompts with left padding.
 
-Imports jax and jaxpeft.models only. Prefill and every decode step run inside one jitted function; the
+Imports jax, jaxpeft.models and jaxpeft.parallel. Prefill and every decode step run inside one jitted function; the
 prompt length is padded to a bucket so new prompt lengths rarely recompile.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from jaxpeft.models.cache import KVCache
 from jaxpeft.models.layers import jnp_dtype
 from jaxpeft.models.outputs import ModelOutput
+from jaxpeft.parallel import place_host
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, KVCache], Any]
 
@@ -119,8 +120,7 @@ def generate(module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_t
                              jnp_dtype(cfg.dtype))
     inputs = (jnp.asarray(ids), jnp.asarray(mask), cache, np.uint32(seed))
     if replicated is not None:  # global arrays: every process passes the same values
-        inputs = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]),
-                              (ids, mask, jax.tree.map(np.asarray, cache), np.asarray(seed, np.uint32)))
+        inputs = jax.tree.map(lambda x: place_host(x, replicated), (ids, mask, cache, np.uint32(seed)))
     out = np.asarray(_COMPILED[key](params, *inputs))
     results = []
     for row in out:

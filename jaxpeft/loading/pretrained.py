@@ -19,7 +19,7 @@ from jaxpeft.loading.hf_folder import read_config, read_safetensors
 from jaxpeft.loading.tokenizer import TextTokenizer, tokenizer_from_folder
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.registry import build_model
-from jaxpeft.parallel import sharding_for
+from jaxpeft.parallel import place_host, sharding_for
 
 
 @dataclass
@@ -90,8 +90,7 @@ def load_pretrained(path_or_name: str | os.PathLike, *, task: str = "causal_lm",
 
 def _placer(mesh: Any, rules: Any) -> Any:
     def place(entry: Any, host: Any) -> jax.Array:
-        sharding = sharding_for(entry.axes, host.shape, mesh, rules)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return place_host(host, sharding_for(entry.axes, host.shape, mesh, rules))
     return place
 
 

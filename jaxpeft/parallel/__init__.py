@@ -3,7 +3,8 @@
 Imports jax alone, so models, loading, adapters and training can all use it.
 """
 from jaxpeft.parallel.mesh import (BATCH, DEFAULT_RULES, MESH_AXES, MeshError, batch_sharding, make_mesh,
-                                   replicated, sharding_for, spec_for, tree_shardings)
+                                   place_host, replicated, sharding_for, spec_for, tree_shardings)
 
-__all__ = ["BATCH", "DEFAULT_RULES", "MESH_AXES", "MeshError", "batch_sharding", "make_mesh", "replicated",
+__all__ = ["BATCH", "DEFAULT_RULES", "MESH_AXES", "MeshError", "batch_sharding", "make_mesh", "place_host",
+           "replicated",
            "sharding_for", "spec_for", "tree_shardings"]

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -100,6 +101,13 @@ def tree_shardings(axes_tree: Any, abstract_tree: Any, mesh: Mesh,
     if len(flat_axes) != len(leaves):
         raise ValueError(f"tree_shardings: {len(flat_axes)} axis tuples for {len(leaves)} leaves")
     return jax.tree.unflatten(treedef, [sharding_for(a, x.shape, mesh, rules) for a, x in zip(flat_axes, leaves)])
+
+
+def place_host(host: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host value (numpy, or anything np.asarray takes) -> a global array with `sharding`: every process passes
+    the same global value and fills only its own devices, never through one device first."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,7 +1,7 @@
 """The jitted pieces of training: optimizer and schedule, the train step (gradient accumulation, dropout keys
 from (seed, step, micro-step), donated buffers), and the evaluation passes.
 
-Imports jax/optax, jaxpeft.adapters, jaxpeft.generation and sibling train modules.
+Imports jax/optax, jaxpeft.adapters, jaxpeft.generation, jaxpeft.parallel and sibling train modules.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import optax
 
 from jaxpeft.adapters import AdaptedModel
 from jaxpeft.generation import SamplingConfig, generate
+from jaxpeft import parallel
 from jaxpeft.train.config import OptimSection
 from jaxpeft.train.tasks import Task
 
@@ -176,15 +177,9 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=(0, 1))
     t_sh, o_sh, f_sh, e_sh, b_sh = shardings
-    rep = _replicated_like(b_sh)
+    rep = parallel.replicated(b_sh.mesh)
     return jax.jit(step_fn, donate_argnums=(0, 1), in_shardings=(t_sh, o_sh, f_sh, e_sh, b_sh, rep),
                    out_shardings=(t_sh, o_sh, rep))
-
-
-def _replicated_like(sharding: Any) -> Any:
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return NamedSharding(sharding.mesh, PartitionSpec())
 
 
 def gathered_head_tokens(examples: Sequence[dict[str, Any]], multiple: int = 8) -> int | None:

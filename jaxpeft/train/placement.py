@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpeft.adapters.axes import state_axes
-from jaxpeft.parallel import batch_sharding, replicated, tree_shardings
+from jaxpeft.parallel import batch_sharding, place_host, replicated, tree_shardings
 
 
 def _fits(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
@@ -80,7 +80,7 @@ class Placement:
             host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else None
             if host is None:  # already global: let XLA move it
                 return jax.jit(lambda a: a, out_shardings=s)(x)
-            return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+            return place_host(host, s)
         if isinstance(shardings, NamedSharding):
             return jax.tree.map(lambda x: one(x, shardings), tree)
         return jax.tree.map(one, tree, shardings)
