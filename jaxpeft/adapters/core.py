@@ -320,14 +320,15 @@ class AdaptedModel:
         return (result, probes) if capture else result
 
     def head(self, frozen: Mapping[str, Any], state: AdapterState | None, h_bkd: jax.Array,
-             active: str | Sequence[str] | None = ALL) -> jax.Array:
+             active: str | Sequence[str] | None = ALL, mask_bk: jax.Array | None = None) -> jax.Array:
         """The model's head (a decoder's LM head, modules_to_save copies of it included) on final hidden states
-        h_bkd (B, K, D) -> (B, K, V) float32 logits."""
+        h_bkd (B, K, D) -> (B, K, V) float32 logits; mask_bk (default all ones) is what a pooling head reads."""
         names = self._active(state, active)
         params = dict(frozen)
         for n in names:
             params.update((state["trainable"][n].get("saved") or {}) if state else {})
-        return self.module.apply({"params": params}, h_bkd, jnp.ones(h_bkd.shape[:2], bool), method="head")
+        mask = jnp.ones(h_bkd.shape[:2], bool) if mask_bk is None else mask_bk
+        return self.module.apply({"params": params}, h_bkd, mask, method="head")
 
     def _apply_plain(self, frozen, state, names, args, adapter_index, deterministic, rngs, method, capture, kwargs):
         """apply() of adapters that intercept layers (a wrapper's inner method included)."""
@@ -397,9 +398,7 @@ class AdaptedModel:
         h = mix(g, h_base, h_tuned)
         logits = None
         if run_head or head_positions_bk is None:
-            params = dict(frozen)
-            params.update(state["trainable"][spec.name].get("saved") or {})
-            logits = self.module.apply({"params": params}, h, mask, method="head")
+            logits = self.head(frozen, state, h, active=names, mask_bk=mask)
         new_cache = None
         if cache is not None:
             new_cache = IMSMCache(c_base, c_tuned, q_base, q_tuned, cache.q_valid_b | jnp.any(query_bt, axis=1))
