@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import Lora, LoraConfig
 from jaxpeft.adapters.method import low_rank, register
-from jaxpeft.adapters.svd import low_rank_out, orthogonality_gap, svd_f32
+from jaxpeft.adapters.svd import orthogonality_gap, svd_f32
 
 PRESETS = {
     "kasa_hf": {"truncation": "hf", "ortho_mode": "paper_rxr", "reduction": "sum"},
@@ -102,7 +102,8 @@ class Kasa(Lora):
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
         delta = scale * low_rank(dropout(x), trainable["lora_A"], trainable["lora_B"], trainable["lora_diag"])
         if "kasa_drop_left" in extras:
-            delta = delta - low_rank_out(x, extras["kasa_drop_left"], extras["kasa_drop_right"])
+            # the dropped spectrum acts as a frozen low-rank correction, never as an n_in x n_out matrix
+            delta = delta - low_rank(x, extras["kasa_drop_left"], extras["kasa_drop_right"])
         return delta
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):

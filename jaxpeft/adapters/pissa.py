@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.lora import Lora, LoraConfig
 from jaxpeft.adapters.method import low_rank, register
-from jaxpeft.adapters.svd import check_rank, low_rank_out, randomized_svd_f32, svd_f32
+from jaxpeft.adapters.svd import check_rank, randomized_svd_f32, svd_f32
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ResidualLoRA(Lora):
 
     def forward(self, cfg, options, x, base_out, base_fn, kernel, bias, trainable, extras, scale, dropout):
         return scale * (self.adapter_out(cfg, trainable, dropout(x))
-                        - low_rank_out(x, extras["res_left"], extras["res_right"]))
+                        - low_rank(x, extras["res_left"], extras["res_right"]))
 
     def merge(self, cfg, options, kernel, bias, trainable, extras, scale):
         delta = self.adapter_matrix(cfg, trainable) - extras["res_left"] @ extras["res_right"]

@@ -1,7 +1,7 @@
 """The SVD core shared by the SVD family (KaSA, PiSSA, SVFit, SORSA, CorDA, SALT): float32 decompositions of a
 frozen kernel and the low-rank corrections that stand beside the base weight instead of rewriting it.
 
-Imports jax and the adapter method helpers. Flax layout throughout: a kernel W0 is (n_in, n_out) and W0 = P diag(sigma) Q^T with
+Imports jax only. Flax layout throughout: a kernel W0 is (n_in, n_out) and W0 = P diag(sigma) Q^T with
 P (n_in, k), sigma (k,) descending, Q (n_out, k), k = min(n_in, n_out). The decompositions run inside the jitted,
 layer-scanned adapter init, so every targeted weight of a stacked model is decomposed in one compiled program.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from jaxpeft.adapters.method import low_rank
 
 
 def check_rank(method: str, r: int, kernel: jax.Array) -> None:
@@ -41,13 +39,6 @@ def randomized_svd_f32(kernel: jax.Array, rank: int, niter: int, rng: jax.Array
         y, _ = jnp.linalg.qr(w @ z)
     u_small, s, vh = jnp.linalg.svd(y.T @ w, full_matrices=False)  # (rank, rank), (rank,), (rank, n_out)
     return y @ u_small, s, vh.T
-
-
-def low_rank_out(x: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-    """x @ left @ right in float32: x (..., n_in), left (n_in, m), right (m, n_out) -> (..., n_out). This is how a
-    frozen correction (a dropped spectrum, a residual's subtracted init) acts without forming an n_in x n_out
-    matrix."""
-    return low_rank(x, left, right)
 
 
 def orthogonality_gap(m: jax.Array, rows: bool) -> jax.Array:

@@ -228,10 +228,8 @@ def make_eval_loss(model: AdaptedModel, task: Task, replicated: Any = None, loss
     gathered = isinstance(task, CausalLMTask) and model.model_cfg is not None and model.model_cfg.is_decoder
 
     def eval_fn(trainable, frozen, extras, batch, placement=None):
-        k = None
-        if gathered:  # from the host batch: every process plans the same K
-            scored = int(np.max(np.sum(np.asarray(batch["loss_mask"])[:, 1:] > 0, axis=1), initial=0))
-            k = max(8, -(-scored // 8) * 8)
+        # K from the host batch, so every process plans the same
+        k = gathered_head_tokens([{"loss_mask": row} for row in np.asarray(batch["loss_mask"])]) if gathered else None
         return compiled(trainable, frozen, extras, placement.global_batch(batch) if placement else batch, k)
     return eval_fn
 
