@@ -91,6 +91,11 @@ def plan_buckets(batch_maxima: Sequence[int], max_length: int, multiple: int = 8
     if not cands:
         return (top,)
     counts = [sizes.count(c) for c in cands]
+    # prefix sums: batches (num[j]) and their tokens (tok[j]) among candidates 0 .. j - 1
+    num, tok = [0], [0]
+    for c, m in zip(cands, counts):
+        num.append(num[-1] + m)
+        tok.append(tok[-1] + m * c)
     # best[j][k]: least padding of the batches up to candidate j with k buckets, the last one at cands[j]
     inf = float("inf")
     n = len(cands)
@@ -98,7 +103,7 @@ def plan_buckets(batch_maxima: Sequence[int], max_length: int, multiple: int = 8
     prev = [[-1] * (max_buckets + 1) for _ in range(n)]
 
     def cost(i: int, j: int) -> float:  # batches with sizes in cands[i+1 .. j] padded to cands[j]
-        return sum(counts[t] * (cands[j] - cands[t]) for t in range(i + 1, j + 1))
+        return cands[j] * (num[j + 1] - num[i + 1]) - (tok[j + 1] - tok[i + 1])
     for j in range(n):
         best[j][1] = cost(-1, j)
         for k in range(2, max_buckets + 1):
@@ -120,11 +125,16 @@ def batch_maxima(examples: Sequence[Example], batch_size: int, seed: int | None 
     """The longest row of each batch: the training order of epoch 0 (`Batcher`, seed given) or sequential
     evaluation batches (seed None)."""
     lengths = [len(e["input_ids"]) for e in examples]
-    order = (np.random.default_rng([seed, 0]).permutation(len(lengths)) if seed is not None
-             else np.arange(len(lengths)))
-    full = len(order) // batch_size if seed is not None else -(-len(order) // batch_size)
-    return [max(lengths[j] for j in order[i * batch_size:(i + 1) * batch_size]) for i in range(full)
-            if len(order[i * batch_size:(i + 1) * batch_size])]
+    if seed is None:
+        return [max(lengths[start:start + batch_size]) for start in range(0, len(lengths), batch_size)]
+    order = epoch_order(seed, 0, len(lengths))
+    return [max(lengths[j] for j in order[i * batch_size:(i + 1) * batch_size])
+            for i in range(len(order) // batch_size)]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The training permutation of n examples in `epoch`: a pure function of (seed, epoch), so resume is exact."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -180,7 +190,7 @@ class Batcher:
         return len(self.examples) // self.batch_size
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        return epoch_order(self.seed, epoch, len(self.examples))
 
     def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """Yield (epoch, index, batch) forever, starting at batch `index` of `epoch`."""
