@@ -13,12 +13,10 @@ from pathlib import Path
 
 def _enable_compilation_cache() -> None:
     """Persistent XLA compilation cache when JAXPEFT_COMPILATION_CACHE names a folder (tests, repeated CLI runs)."""
-    path = os.environ.get("JAXPEFT_COMPILATION_CACHE")
-    if path:
-        import jax
+    if os.environ.get("JAXPEFT_COMPILATION_CACHE"):
+        from jaxpeft.train.compile_cache import enable_compilation_cache
 
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        enable_compilation_cache()
 
 
 def _cmd_download(args: argparse.Namespace) -> int:

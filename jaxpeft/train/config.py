@@ -185,6 +185,11 @@ class TrainSection(_Section):
     eval_before_training: Bool = True
     resume: Bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
+    prefetch: Int = Field(default=2, ge=0)
+    """Training batches collated ahead in a background thread while the step runs (0: collate in line)."""
+    compilation_cache_dir: str | None = None
+    """A folder for JAX's persistent compilation cache: a restarted or resumed run with the same shapes skips
+    recompiling its steps (the JAX_COMPILATION_CACHE_DIR environment variable works too); None: no cache."""
 
     @field_validator("grad_accum")
     @classmethod

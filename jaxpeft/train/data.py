@@ -6,9 +6,11 @@ the smallest configured bucket that fits its longest row, so jit compiles once p
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -200,6 +202,69 @@ class Batcher:
                 chosen = [self.examples[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size]]
                 yield epoch, i, collate(chosen, self.buckets, self.pad_id)
             epoch, index = epoch + 1, 0
+
+
+T = TypeVar("T")
+
+
+class Prefetch(Iterator[T]):
+    """Iterate `source` in a background thread, up to `depth` items ahead (collating the next batch while the
+    device runs the step). Items come in the source's order, so training stays deterministic; an exception in the
+    source is raised from `next`. `close()` (or leaving a `with` block) stops the thread; depth 0 reads in line.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[T], depth: int = 2):
+        self._source, self._depth = source, depth
+        if depth <= 0:
+            return
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="jaxpeft-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((self._END, e))
+
+    def __next__(self) -> T:
+        if self._depth <= 0:
+            return next(self._source)
+        item, error = self._queue.get()
+        if error is not None:
+            self._stop.set()
+            raise error
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the background thread (items already collated are dropped)."""
+        if self._depth > 0:
+            self._stop.set()
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "Prefetch[T]":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int

@@ -22,13 +22,14 @@ from jaxpeft.adapters import AdaptedModel
 from jaxpeft.adapters.native_io import load_any, save_any
 from jaxpeft.adapters.partition import trainable_parameters_line
 from jaxpeft.generation import SamplingConfig
+from jaxpeft.train.compile_cache import enable_compilation_cache
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
-from jaxpeft.train.data import Batcher, DataError, eval_batches, load_split
+from jaxpeft.train.data import Batcher, DataError, Prefetch, eval_batches, load_split
 from jaxpeft.train.placement import Placement
 from jaxpeft.train.loop import (gathered_head_tokens, generate_with_adapter, init_optimizer_state, iterate_losses,
                                 make_eval_loss, make_optimizer, make_regularizer, make_train_step)
 from jaxpeft.train.probes import gate_report, has_gates, has_siamese_gate, siamese_gate_report
-from jaxpeft.train.tasks import MODEL_TASK, MultipleChoiceTask, encode_rows, make_task
+from jaxpeft.train.tasks import MODEL_TASK, EvalTools, encode_rows, make_task
 
 ADAPTER_NAME = "default"
 
@@ -181,41 +182,19 @@ def _check_positions(cfg: RunConfig, model_cfg: Any, model: AdaptedModel) -> Non
 
 
 def _evaluate(ctx: _Context, trainable: Any) -> dict[str, float]:
-    """Eval loss plus the task's metrics on the evaluation split."""
-    from jaxpeft.train import metrics as M
-
-    cfg, task, frozen, extras = ctx.cfg, ctx.task, ctx.pretrained.params, ctx.state["extras"]
+    """Eval loss plus the task's metrics on the evaluation split (the task runs its own evaluation), and the
+    method's regulariser at these weights."""
+    frozen, extras = ctx.pretrained.params, ctx.state["extras"]
     pad = ctx.pretrained.tokenizer.pad_token_id or 0
-    total = count = 0.0
-    preds: list[Any] = []
-    gold: list[Any] = []
-    for s, n, outputs, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras,
-                                               eval_batches(ctx.eval_examples, cfg.train.eval_batch_size,
-                                                            ctx.buckets, pad), ctx.placement):
-        total, count = total + s, count + n
-        keep = batch["example_weight"] > 0
-        if cfg.model.task == "seq_cls":
-            preds += outputs["pred"][keep].tolist()
-            gold += batch["label"][keep].tolist()
-        elif cfg.model.task == "token_cls":
-            arg = outputs["pred"]
-            for i in np.nonzero(keep)[0]:
-                p, g = task.word_tags(batch["labels"][i], arg[i])
-                preds.append(p)
-                gold.append(g)
-    result = {"eval_loss": total / max(count, 1.0)}
+
+    def score(examples):
+        batches = eval_batches(examples, ctx.cfg.train.eval_batch_size, ctx.buckets, pad)
+        return iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras, batches, ctx.placement)
+
+    result = ctx.task.evaluate(ctx.eval_rows, ctx.eval_examples,
+                               EvalTools(score, lambda rows: _generate(ctx, trainable, rows)))
     if ctx.reg_fn is not None:  # the method's R at these weights, beside the task loss
         result["eval_regularizer"] = float(ctx.reg_fn(trainable, extras))
-    if cfg.model.task == "seq_cls":
-        result.update(M.compute(task.metrics, preds=preds, labels=gold))
-    elif cfg.model.task == "token_cls":
-        result.update(M.compute(task.metrics, pred_tags=preds, gold_tags=gold))
-    elif cfg.model.task == "multiple_choice":
-        result["accuracy"] = _choice_accuracy(ctx, trainable)
-    elif cfg.generation.eval_generate:
-        texts = _generate(ctx, trainable, ctx.eval_rows)
-        refs = [task.references(r) for r in ctx.eval_rows]
-        result.update(M.compute(task.metrics, predictions=texts, references=refs))
     return result
 
 
@@ -231,27 +210,6 @@ def _generate(ctx: _Context, trainable: Any, rows: list[dict[str, Any]]) -> list
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
-def _choice_accuracy(ctx: _Context, trainable: Any) -> float:
-    task: MultipleChoiceTask = ctx.task
-    pad = ctx.pretrained.tokenizer.pad_token_id or 0
-    flat, owner = [], []
-    for i, row in enumerate(ctx.eval_rows):
-        for c, ex in enumerate(task.choice_examples(row, i)):
-            flat.append(ex)
-            owner.append((i, c))
-    scores: list[float] = []
-    frozen, extras = ctx.pretrained.params, ctx.state["extras"]
-    batches = eval_batches(flat, ctx.cfg.train.eval_batch_size, ctx.buckets, pad)
-    for _, _, outputs, batch in iterate_losses(ctx.eval_loss_fn, trainable, frozen, extras, batches, ctx.placement):
-        # each choice's summed log-probability, computed on device at its scored tokens only
-        scores += (-outputs["row_nll"])[batch["example_weight"] > 0].tolist()
-    best: dict[int, tuple[float, int]] = {}
-    for (i, c), s in zip(owner, scores):
-        if i not in best or s > best[i][0]:
-            best[i] = (s, c)
-    return float(np.mean([best[i][1] == task.answer(r, i) for i, r in enumerate(ctx.eval_rows)]))
-
-
 def _fmt(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
@@ -264,6 +222,7 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     from jaxpeft.train.logging import RunLogger
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
     out = Path(cfg.train.output_dir)
     main = jax.process_index() == 0  # with several processes only the first writes run files and prints
     if main:
@@ -313,44 +272,58 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     extras = ctx.state["extras"]
     last_eval: dict[str, float] = {}
     has_reg = ctx.model.has_regularizer("loss") or ctx.model.has_regularizer("post_clip")
-    batches = batcher.iterate(epoch, index)
     t0, tokens = time.perf_counter(), 0
-    step = start
+    # steps run ahead of the host: a step's terms are read back once the next step is queued (or at once at a
+    # log, eval or checkpoint step), so the device never waits for Python between steps
+    pending: list[tuple[int, int, int, int, dict[str, Any]]] = []  # (step, epoch, index, tokens, terms)
+
+    def settle(keep: int = 0) -> None:
+        """Read back every pending step but the newest `keep`, in order; a non-finite loss stops the run there."""
+        nonlocal tokens
+        while len(pending) > keep:
+            s, ep, ix, ntok, terms = pending.pop(0)
+            loss = float(terms["loss"])
+            if not math.isfinite(loss):
+                # checkpoint k holds the weights the loss at loop step k was computed with: those before `s`
+                # gave finite losses, the one at `s` (if saved) did not; nothing after `s` is ever saved
+                good = [k for k in ckpt.all_steps() if k < s]
+                where = (f"the last good checkpoint is step {max(good)} in {out / 'checkpoints'}" if good
+                         else "no checkpoint was saved before it")
+                raise TrainingDiverged(f"loss or gradient is not finite at step {s + 1} (epoch {ep}, batch "
+                                       f"{ix}); stopped with the weights unchanged, {where}: lower optim.lr, "
+                                       "set optim.clip_norm, or check the data")
+            tokens += ntok
+            result.train_losses.append((s + 1, loss))
+            logger.progress(s + 1, loss, ntok)
+            if (s + 1) % cfg.train.log_every == 0:
+                logged = {"loss": loss}
+                if has_reg:  # task loss and regulariser separately
+                    logged.update({k: float(v) for k, v in terms.items() if k != "loss"})
+                logger.log(s + 1, {**logged, "tokens_per_s": tokens / (time.perf_counter() - t0)})
+
+    batches = Prefetch(batcher.iterate(epoch, index), cfg.train.prefetch)
     try:
         for step in range(start, cfg.train.steps):
             epoch, index, batch = next(batches)
             trainable, opt_state, terms = step_fn(trainable, opt_state, frozen, extras, place.global_batch(batch),
                                                   np.int32(step))
-            loss = float(terms["loss"])
-            if not math.isfinite(loss):
-                # checkpoint s holds the weights the loss at loop step s was computed with: those before
-                # `step` gave finite losses, the one at `step` (if saved) did not
-                good = [s for s in ckpt.all_steps() if s < step]
-                where = (f"the last good checkpoint is step {max(good)} in {out / 'checkpoints'}" if good
-                         else "no checkpoint was saved before it")
-                raise TrainingDiverged(f"loss or gradient is not finite at step {step + 1} (epoch {epoch}, batch "
-                                       f"{index}); stopped with the weights unchanged, {where}: lower optim.lr, "
-                                       "set optim.clip_norm, or check the data")
-            tokens += int(batch["attention_mask"].sum())
-            result.train_losses.append((step + 1, loss))
-            logger.progress(step + 1, loss, int(batch["attention_mask"].sum()))
-            if (step + 1) % cfg.train.log_every == 0:
-                logged = {"loss": loss}
-                if has_reg:  # task loss and regulariser separately
-                    logged.update({k: float(v) for k, v in terms.items() if k != "loss"})
-                logger.log(step + 1, {**logged, "tokens_per_s": tokens / (time.perf_counter() - t0)})
+            pending.append((step, epoch, index, int(batch["attention_mask"].sum()), terms))
             done = step + 1 == cfg.train.steps
+            evaluate_now = (step + 1) % cfg.train.eval_every == 0 or done
+            save_now = (step + 1) % cfg.train.checkpoint_every == 0 or done
+            settle(keep=0 if evaluate_now or save_now or (step + 1) % cfg.train.log_every == 0 else 1)
             metrics = None
-            if (step + 1) % cfg.train.eval_every == 0 or done:
+            if evaluate_now:
                 last_eval = metrics = _evaluate(ctx, trainable)
                 logger.log(step + 1, metrics, split="eval")
-            if (step + 1) % cfg.train.checkpoint_every == 0 or done:
+            if save_now:
                 nxt_epoch, nxt_index = (epoch, index + 1) if index + 1 < batcher.batches_per_epoch else (epoch + 1, 0)
                 ckpt.save(step + 1, trainable, opt_state,
                           meta={"step": step + 1, "epoch": nxt_epoch, "index": nxt_index, "seed": cfg.train.seed,
                                 "metrics_before": result.metrics_before},
                           metrics=metrics, extras=extras)
     finally:
+        batches.close()
         ckpt.wait()
         logger.close()
     result.final_step = cfg.train.steps

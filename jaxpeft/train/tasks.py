@@ -1,12 +1,13 @@
-"""Tasks: how a row becomes model inputs, the training loss, and the evaluation metrics.
+"""Tasks: how a row becomes model inputs, the training loss, and the task's own evaluation (its metrics from the
+evaluation pass's per-row outputs, generation or choice scoring), as big_vision's evaluators do.
 
-Imports jax/numpy, jaxpeft.loading.tokenizer and sibling train modules. Causal-LM supervised fine-tuning puts
+Imports jax/numpy and sibling train modules (config, data, losses, metrics). Causal-LM supervised fine-tuning puts
 the loss on the response tokens and the EOS that ends them; the mask comes from the response span, never
 from pad ids (SmolLM2's pad token is its EOS, and that EOS target must be learned).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from jaxpeft.train.config import RunConfig
 from jaxpeft.train.data import DataError, Example
+from jaxpeft.train import metrics as M
 from jaxpeft.train.losses import chunked_row_nll, weighted_nll
 
 MODEL_TASK = {"causal_lm": "causal_lm", "seq_cls": "seq_cls", "token_cls": "token_cls", "multiple_choice": "causal_lm"}
@@ -37,9 +39,26 @@ def _field(row: dict[str, Any], name: str, row_index: int, key: str) -> Any:
     return row[name]
 
 
+Scored = tuple[float, float, dict[str, np.ndarray], dict[str, np.ndarray]]
+"""One evaluation batch: (loss sum, weight, per-row outputs as numpy, the host batch)."""
+
+
+@dataclass(frozen=True)
+class EvalTools:
+    """What a task's evaluation may run, built by the caller around its model and weights.
+
+    score(examples): the jitted evaluation pass (dropout off) over padded, fixed-size batches of the examples,
+    one `Scored` per batch; outputs are `Task.eval_outputs` (or {'row_nll'} (B,) for a gathered causal-LM head).
+    generate(rows): greedy/sampled continuations of the rows' prompts, decoded text.
+    """
+
+    score: Callable[[Sequence[Example]], Iterable[Scored]]
+    generate: Callable[[Sequence[dict[str, Any]]], list[str]]
+
+
 @dataclass
 class Task:
-    """Base: subclasses implement encode, loss and the metric inputs."""
+    """Base: subclasses implement encode, loss and their evaluation (`eval_items`, `eval_metrics`)."""
 
     cfg: RunConfig
     tokenizer: Any
@@ -62,6 +81,26 @@ class Task:
         if "token_type_ids" in batch:
             extra["token_type_ids_bt"] = batch["token_type_ids"]
         return extra
+
+    def evaluate(self, rows: Sequence[dict[str, Any]], examples: Sequence[Example], tools: EvalTools
+                 ) -> dict[str, float]:
+        """{'eval_loss': weighted mean loss over the examples, **this task's metrics}: one pass of tools.score,
+        each batch's real rows (weight > 0) handed to `eval_items`, then `eval_metrics` on all items."""
+        total = count = 0.0
+        items: list[Any] = []
+        for s, n, outputs, batch in tools.score(examples):
+            total, count = total + s, count + n
+            items += self.eval_items(outputs, batch, np.nonzero(batch["example_weight"] > 0)[0])
+        return {"eval_loss": total / max(count, 1.0), **self.eval_metrics(items, rows, tools)}
+
+    def eval_items(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray], rows_kept: np.ndarray
+                   ) -> list[Any]:
+        """What the metrics need from one evaluation batch, one item per kept row (default: nothing)."""
+        return []
+
+    def eval_metrics(self, items: list[Any], rows: Sequence[dict[str, Any]], tools: EvalTools) -> dict[str, float]:
+        """The task's metrics from all batches' items (default: none beyond the loss)."""
+        return {}
 
 
 class CausalLMTask(Task):
@@ -138,6 +177,14 @@ class CausalLMTask(Task):
         refs = row.get("references") or [row[self.cfg.data.response_field]]
         return [str(r) for r in refs]
 
+    def eval_metrics(self, items, rows, tools):
+        """Generation metrics (exact match, BLEU, ROUGE, ...) on the rows' continuations when
+        generation.eval_generate is on."""
+        if not self.cfg.generation.eval_generate:
+            return {}
+        texts = tools.generate(rows)
+        return M.compute(self.metrics, predictions=texts, references=[self.references(r) for r in rows])
+
 
 class MultipleChoiceTask(CausalLMTask):
     """Trained as causal LM on the correct response; evaluated by the summed log-probability of each choice."""
@@ -145,6 +192,23 @@ class MultipleChoiceTask(CausalLMTask):
     def choice_examples(self, row: dict[str, Any], index: int) -> list[Example]:
         choices = _field(row, self.cfg.data.choices_field, index, "choices_field")
         return [self.encode({**row, self.cfg.data.response_field: c}, index) for c in choices]
+
+    def eval_metrics(self, items, rows, tools):
+        """Accuracy: the choice with the highest summed log-probability of its tokens (scored on device; only
+        each row's nll comes back) is the predicted answer."""
+        flat, owner = [], []
+        for i, row in enumerate(rows):
+            for c, ex in enumerate(self.choice_examples(row, i)):
+                flat.append(ex)
+                owner.append((i, c))
+        scores: list[float] = []
+        for _, _, outputs, batch in tools.score(flat):
+            scores += (-outputs["row_nll"])[batch["example_weight"] > 0].tolist()
+        best: dict[int, tuple[float, int]] = {}
+        for (i, c), score in zip(owner, scores):
+            if i not in best or score > best[i][0]:
+                best[i] = (score, c)
+        return {"accuracy": float(np.mean([best[i][1] == self.answer(r, i) for i, r in enumerate(rows)]))}
 
     def answer(self, row: dict[str, Any], index: int) -> int:
         ans = int(_field(row, self.cfg.data.answer_field, index, "answer_field"))
@@ -182,6 +246,13 @@ class SeqClsTask(Task):
     def loss(self, out, batch):
         return weighted_nll(out.logits, batch["label"], batch["example_weight"])
 
+    def eval_items(self, outputs, batch, rows_kept):
+        return list(zip(outputs["pred"][rows_kept].tolist(), batch["label"][rows_kept].tolist()))
+
+    def eval_metrics(self, items, rows, tools):
+        preds, gold = [p for p, _ in items], [g for _, g in items]
+        return M.compute(self.metrics, preds=preds, labels=gold)
+
 
 class TokenClsTask(Task):
     """BIO NER: the label of each word sits on its first sub-token; other sub-tokens are ignored (-100)."""
@@ -217,6 +288,12 @@ class TokenClsTask(Task):
     def word_tags(self, labels_t: np.ndarray, pred_t: np.ndarray) -> tuple[list[str], list[str]]:
         keep = labels_t >= 0
         return ([self.labels[i] for i in pred_t[keep]], [self.labels[i] for i in labels_t[keep]])
+
+    def eval_items(self, outputs, batch, rows_kept):
+        return [self.word_tags(batch["labels"][i], outputs["pred"][i]) for i in rows_kept]
+
+    def eval_metrics(self, items, rows, tools):
+        return M.compute(self.metrics, pred_tags=[p for p, _ in items], gold_tags=[g for _, g in items])
 
 
 TASKS = {"causal_lm": CausalLMTask, "seq_cls": SeqClsTask, "token_cls": TokenClsTask,

@@ -268,3 +268,49 @@ def test_batch_maxima_follow_the_training_order_and_the_evaluation_chunks():
     want = [int(b["attention_mask"].sum(1).max()) for _, (_, _, b) in zip(range(2), batcher.iterate())]
     assert batch_maxima(examples, 3, seed=5) == want  # two full batches; the rest is dropped as in training
     assert batch_maxima(examples, 3) == [9, 7, 8]  # sequential evaluation batches, the last one short
+
+
+def test_prefetch_yields_the_source_order_at_every_depth():
+    from jaxpeft.train.data import Prefetch
+
+    for depth in (0, 1, 3):
+        with Prefetch(iter(range(50)), depth) as it:
+            assert list(it) == list(range(50))
+
+
+def test_prefetch_raises_the_source_error_at_its_position():
+    from jaxpeft.train.data import Prefetch
+
+    def source():
+        yield 1
+        yield 2
+        raise DataError("row 7: broken")
+
+    it = Prefetch(source(), 2)
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(DataError, match="row 7"):
+        next(it)
+
+
+def test_prefetch_close_stops_an_endless_source_and_its_thread():
+    import itertools
+
+    from jaxpeft.train.data import Prefetch
+
+    it = Prefetch(itertools.count(), 2)
+    assert next(it) == 0
+    it.close()
+    assert not it._thread.is_alive()
+
+
+def test_batcher_behind_prefetch_is_the_same_sequence():
+    from jaxpeft.train.data import Batcher, Prefetch
+
+    examples = [{"input_ids": list(range(3 + i % 5))} for i in range(20)]
+    plain = Batcher(examples, 4, (8,), 0, seed=3).iterate(1, 2)
+    ahead = Prefetch(Batcher(examples, 4, (8,), 0, seed=3).iterate(1, 2), 2)
+    for _ in range(12):
+        (e1, i1, b1), (e2, i2, b2) = next(plain), next(ahead)
+        assert (e1, i1) == (e2, i2)
+        np.testing.assert_array_equal(b1["input_ids"], b2["input_ids"])
+    ahead.close()

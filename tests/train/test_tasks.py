@@ -304,3 +304,35 @@ def test_token_cls_run_on_tiny_bert(tiny_bert_dir, tmp_path, write_jsonl):
     assert 0.0 <= result.metrics_after["span_f1"] <= 1.0
     assert all(np.isfinite(v) for _, v in result.train_losses)
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_seq_cls_evaluates_itself_from_scored_batches_skipping_padding_rows(bert_tok):
+    """Task.evaluate: loss = total / weight over batches; metrics from real rows only (weight-0 rows dropped)."""
+    from jaxpeft.train.tasks import EvalTools
+
+    task = task_for(bert_tok, "seq_cls", labels=("neg", "pos"))
+    task.metrics = ("accuracy",)
+    batches = [  # (loss sum, weight, outputs, batch): the second batch's last row is padding with a wrong pred
+        (3.0, 2.0, {"pred": np.array([1, 0])}, {"label": np.array([1, 1]), "example_weight": np.array([1.0, 1.0])}),
+        (1.0, 1.0, {"pred": np.array([0, 1])}, {"label": np.array([0, 0]), "example_weight": np.array([1.0, 0.0])}),
+    ]
+    seen = []
+    tools = EvalTools(score=lambda ex: (seen.append(list(ex)), iter(batches))[1],
+                      generate=lambda rows: pytest.fail("classification must not generate"))
+    result = task.evaluate([{}] * 3, ["e0", "e1", "e2"], tools)
+    assert seen == [["e0", "e1", "e2"]]
+    assert result == pytest.approx({"eval_loss": 4.0 / 3.0, "accuracy": 2 / 3})
+
+
+def test_causal_lm_generates_only_when_eval_generate_is_on(llama):
+    from jaxpeft.train.tasks import EvalTools
+
+    rows = [{"prompt": "2+2=", "response": "4"}, {"prompt": "3+3=", "response": "6"}]
+    batches = [(2.0, 4.0, {"row_nll": np.array([1.0, 1.0])}, {"example_weight": np.array([1.0, 1.0])})]
+    asked = []
+    tools = EvalTools(score=lambda ex: iter(batches), generate=lambda rs: asked.append(rs) or ["4", "7"])
+    on = task_for(llama.tokenizer).evaluate(rows, [], tools)
+    assert asked == [rows] and on == pytest.approx({"eval_loss": 0.5, "exact_match": 0.5})
+    off = task_for(llama.tokenizer)
+    off.cfg = off.cfg.model_copy(update={"generation": off.cfg.generation.model_copy(update={"eval_generate": False})})
+    assert off.evaluate(rows, [], tools) == {"eval_loss": 0.5} and len(asked) == 1
