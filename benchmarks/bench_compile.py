@@ -59,14 +59,14 @@ def measure(checkpoint: str, scan: bool, batch: int, seq: int, shape: str) -> di
             "first_step_s": t_run}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="smollm2-135m-instruct")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--shape", choices=["lora", "full"], default="lora",
                     help="training shape: LoRA q,v (what jaxpeft trains) or full fine-tuning")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), checkpoint {args.checkpoint}, "
           f"batch {args.batch}x{args.seq}, {args.shape} training shape, compilation cache off")
@@ -79,6 +79,11 @@ def main() -> None:
     ratio = total[True] / total[False]
     print(f"compile (trace+lower+compile) scan/unrolled = {total[True]:.2f}s / {total[False]:.2f}s = {ratio:.3f} "
           f"(target <= 0.5: {'PASS' if ratio <= 0.5 else 'FAIL'})")
+    from common import write_json
+
+    write_json("compile", {"checkpoint": args.checkpoint, "batch": args.batch, "seq": args.seq, "shape": args.shape,
+                           "scan": rows[True], "unrolled": rows[False], "compile_ratio_scan_vs_unrolled": ratio})
+    return {"scan": rows[True], "unrolled": rows[False], "ratio": ratio}
 
 
 if __name__ == "__main__":
