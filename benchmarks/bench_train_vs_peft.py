@@ -201,7 +201,7 @@ def describe(row: dict) -> str:
             f"{fmt(j['tokens_per_s'], '%.0f')} tok/s {fmt(j['peak_rss_mib'], '%.0f')} MiB | PEFT "
             f"{fmt(t['tokens_per_s'], '%.0f')} tok/s {fmt(t['peak_rss_mib'], '%.0f')} MiB{' (' + t['error'] + ')' if t['error'] else ''}"
             f" | speed {fmt(row['speed_ratio'], '%.2f')}x memory {fmt(row['rss_ratio'], '%.2f')}x | "
-            f"{fmt(row.get('jaxpeft_gflops_per_s'), '%.0f')} GFLOP/s ({fmt(row.get('jaxpeft_peak_fraction'), '%.0%%')} of peak)")
+            f"{fmt(row.get('jaxpeft_gflops_per_s'), '%.0f')} GFLOP/s ({fmt(100 * row['jaxpeft_peak_fraction'] if row.get('jaxpeft_peak_fraction') else None, '%.0f%%')} of peak)")
 
 
 def parser() -> argparse.ArgumentParser:
