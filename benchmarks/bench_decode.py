@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench_train_vs_peft import SHAPES
+from bench_train_vs_peft import SHAPES, random_base
 from common import Worker, interleave, median, serve, write_json
 
 TARGETS = ["q_proj", "v_proj"]
@@ -25,21 +25,14 @@ def _prompts(vocab: int, batch: int, prompt: int):
 
 def setup_jax(args):
     import jax
-    import numpy as np
 
     from jaxpeft.adapters import AdaptedModel, IMSMConfig, LoraConfig
-    from jaxpeft.loading.convert import unflatten_params
-    from jaxpeft.models import ModelConfig, build_model
-    from jaxpeft.models.namemap import name_map
     from jaxpeft.train.loop import generate_with_adapter
 
-    cfg = ModelConfig.from_hf(SHAPES["smollm2"]["hf"])
-    rng = np.random.RandomState(0)
-    frozen = jax.tree.map(jax.numpy.asarray, unflatten_params(
-        {e.flax_path: (0.02 * rng.randn(*e.shape)).astype(np.float32) for e in name_map(cfg, "causal_lm")}))
+    cfg, module, frozen = random_base("smollm2")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=tuple(TARGETS))
     acfg = lora if args.method == "lora" else IMSMConfig(inner=lora, gate_dropout=0.0)
-    model = AdaptedModel.wrap(build_model(cfg, "causal_lm")).add("default", acfg)
+    model = AdaptedModel.wrap(module).add("default", acfg)
     state = model.init(jax.random.key(0), frozen)
     prompts = [list(map(int, r)) for r in _prompts(cfg.vocab_size, args.batch, args.prompt)]
 

@@ -13,30 +13,23 @@ import argparse
 import statistics
 import time
 
-from bench_train_vs_peft import SHAPES
+from bench_train_vs_peft import random_base
 from common import write_json
 
 B, T, RESPONSE = 8, 128, 32
 
 
 def build(layers: int = 30):
-    import jax
     import numpy as np
 
-    from jaxpeft.loading.convert import unflatten_params
-    from jaxpeft.models import ModelConfig, build_model
-    from jaxpeft.models.namemap import name_map
-
-    cfg = ModelConfig.from_hf({**SHAPES["smollm2"]["hf"], "num_hidden_layers": layers})
-    rng = np.random.RandomState(0)
-    frozen = jax.tree.map(jax.numpy.asarray, unflatten_params(
-        {e.flax_path: (0.02 * rng.randn(*e.shape)).astype(np.float32) for e in name_map(cfg, "causal_lm")}))
+    cfg, module, frozen = random_base("smollm2", num_hidden_layers=layers)
+    rng = np.random.RandomState(1)
     ids = rng.randint(3, cfg.vocab_size, (B, T)).astype(np.int32)
     loss_mask = np.zeros((B, T), np.float32)
     loss_mask[:, T - RESPONSE:] = 1
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
              "example_weight": np.ones((B,), np.float32)}
-    return cfg, build_model(cfg, "causal_lm"), frozen, batch
+    return cfg, module, frozen, batch
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -54,6 +54,22 @@ def step_flops(model: str, method: str, batch: int, seq: int, scored: int) -> fl
     return 2 * fwd + 3 * adapter
 
 
+def random_base(model: str, **hf_overrides):
+    """(ModelConfig, linen module, frozen params): the shapes' model with N(0, 0.02) float32 weights, seed 0."""
+    import jax
+    import numpy as np
+
+    from jaxpeft.loading.convert import unflatten_params
+    from jaxpeft.models import ModelConfig, build_model
+    from jaxpeft.models.namemap import name_map
+
+    cfg = ModelConfig.from_hf({**SHAPES[model]["hf"], **hf_overrides})
+    rng = np.random.RandomState(0)
+    frozen = jax.tree.map(jax.numpy.asarray, unflatten_params(
+        {e.flax_path: (0.02 * rng.randn(*e.shape)).astype(np.float32) for e in name_map(cfg, "causal_lm")}))
+    return cfg, build_model(cfg, "causal_lm"), frozen
+
+
 def _batch(vocab: int, batch: int, seq: int, response: int | None):
     import numpy as np
 
@@ -81,18 +97,11 @@ def setup_jax(args):
     import optax
 
     from jaxpeft.adapters import AdaptedModel
-    from jaxpeft.loading.convert import unflatten_params
-    from jaxpeft.models import ModelConfig, build_model
-    from jaxpeft.models.namemap import name_map
     from jaxpeft.train.loop import gathered_head_tokens, make_train_step
     from jaxpeft.train.tasks import CausalLMTask
 
-    shape = SHAPES[args.model]
-    cfg = ModelConfig.from_hf(shape["hf"])
-    rng = np.random.RandomState(0)
-    frozen = jax.tree.map(jax.numpy.asarray, unflatten_params(
-        {e.flax_path: (0.02 * rng.randn(*e.shape)).astype(np.float32) for e in name_map(cfg, "causal_lm")}))
-    model = AdaptedModel.wrap(build_model(cfg, "causal_lm")).add("default", jax_adapter(args.method, shape["targets"]))
+    cfg, module, frozen = random_base(args.model)
+    model = AdaptedModel.wrap(module).add("default", jax_adapter(args.method, SHAPES[args.model]["targets"]))
     state = model.init(jax.random.key(0), frozen)
     ids, loss_mask = _batch(cfg.vocab_size, args.batch, args.seq, args.response if args.sft else None)
     # the loss mask marks the scored tokens (position p predicts token p + 1); all-ones = every position
