@@ -43,7 +43,7 @@ class Pretrained:
 
 
 def load_pretrained(path_or_name: str | os.PathLike, *, task: str = "causal_lm", dtype: str = "float32",
-                    param_dtype: str | None = None, scan_layers: bool = True, remat: str = "none",
+                    param_dtype: str | None = None, scan_layers: bool = True, remat: str = "dots_no_batch",
                     num_labels: int | None = None, revision: str | None = None, mesh: Any = None,
                     rules: Any = None, **config_overrides: Any) -> Pretrained:
     """Load a pretrained checkpoint into a jaxpeft backbone.

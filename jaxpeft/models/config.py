@@ -83,8 +83,10 @@ class ModelConfig:
     # execution (do not change the parameter tree)
     scan_layers: bool = True
     """Run layers under nn.scan (fast compile); False unrolls them (same stacked params)."""
-    remat: str = "none"
-    """Activation rematerialisation per layer: 'none', 'full', 'dots', 'dots_no_batch'."""
+    remat: str = "dots_no_batch"
+    """Activation rematerialisation per layer: 'none', 'full', 'dots', 'dots_no_batch'. The default saves only
+    each layer's matmul outputs and recomputes the elementwise work in the backward pass: measured on 2 CPU cores
+    (LoRA, batch 8 x 128) 6-9% faster than 'none' with 42-46% less XLA temporary memory; 'full' saves the least."""
     dtype: str = "float32"
     """Compute dtype of activations and matmuls."""
     param_dtype: str = "float32"

@@ -239,7 +239,7 @@ def test_adafactor_trains(nodrop):
     assert max_diff(params, trainable) > 1e-4
 
 
-@pytest.mark.parametrize("remat,scan_layers", [("full", True), ("dots", False)])
+@pytest.mark.parametrize("remat,scan_layers", [("full", True), ("dots", False), ("dots_no_batch", True)])
 def test_remat_gives_the_same_loss_and_update(tiny_llama_dir, withdrop, remat, scan_layers):
     """With dropout on: rematerialised layers must replay the very same dropout masks."""
     model, task, trainable, extras, frozen, batch = withdrop
