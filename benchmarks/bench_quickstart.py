@@ -27,7 +27,7 @@ def _overrides(steps: int, out: str) -> list[str]:
     return [f"train.steps={steps}", f"train.output_dir={out}", "train.eval_before_training=false",
             f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.log_every=1",
             "data.max_eval_rows=8", "generation.eval_generate=false", "generation.show_examples=0",
-            f"data.path={ROOT / 'data' / 'arithmetic'}"]
+            "data.path=bundled:arithmetic"]
 
 
 def setup_jax(args):
@@ -48,17 +48,9 @@ def _hf_folder(cache: Path) -> Path:
     """The quickstart's weights (jaxpeft's GGUF load) as a transformers folder, written once."""
     if (cache / "model.safetensors").exists():
         return cache
-    from safetensors.numpy import save_file
+    from jaxpeft.loading import load_pretrained, save_hf_folder
 
-    from jaxpeft.loading.convert import params_to_hf
-    from jaxpeft.loading.pretrained import load_pretrained
-
-    pre = load_pretrained("smollm2-135m-instruct")
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file(params_to_hf(pre.config, "causal_lm", pre.params), str(cache / "model.safetensors"),
-              metadata={"format": "pt"})
-    (cache / "config.json").write_text(json.dumps(pre.hf_config))
-    return cache
+    return save_hf_folder(load_pretrained("smollm2-135m-instruct"), cache)
 
 
 def setup_torch(args):

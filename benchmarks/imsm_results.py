@@ -16,7 +16,7 @@ Each run is one `jaxpeft train` process (`SWEEP.command`), for example
 The LoRA runs are those of benchmarks/svd_methods_results.py (same command, same run root: trained once). The probe
 of a finished run is one `jaxpeft eval` process, written to `<run>/probe.json`:
 
-    jaxpeft eval <run>/config.yaml --adapter <run>/adapter --compare-base --set data.path=data/e2e_nlg \\
+    jaxpeft eval <run>/config.yaml --adapter <run>/adapter --compare-base --set data.path=bundled:e2e_nlg \\
         --set data.eval_split=test --set data.max_length=128 --set data.buckets=[128] \\
         --set generation.eval_generate=false
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from svd_methods_results import SWEEP as SVD_SWEEP  # noqa: E402
 from sweeps import Sweep, final_eval, main  # noqa: E402
 
-PROBE_SETS = ["data.path=data/e2e_nlg", "data.eval_split=test", "data.max_length=128", "data.buckets=[128]",
+PROBE_SETS = ["data.path=bundled:e2e_nlg", "data.eval_split=test", "data.max_length=128", "data.buckets=[128]",
               "generation.eval_generate=false"]
 
 SWEEP = Sweep(

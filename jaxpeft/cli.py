@@ -196,6 +196,8 @@ _PT2_KEYS = ("layers_to_transform", "modules_to_save", "num_virtual_tokens", "in
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `jaxpeft` argument parser: subcommands download, generate, train, eval, export, merge and apt-to-pt2,
+    each setting `func` to its handler."""
     parser = argparse.ArgumentParser(prog="jaxpeft", description="Parameter-efficient fine-tuning in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `jaxpeft` command line on `argv` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -29,8 +29,12 @@ from jaxpeft.adapters.ia3 import IA3Config
 from jaxpeft.adapters.imsm import IMSMConfig
 from jaxpeft.adapters.kasa import KasaConfig
 from jaxpeft.adapters.lora import LoraConfig
+from jaxpeft.adapters.merge import merge, unmerge
 from jaxpeft.adapters.method import METHODS, DenseMethod, Method, PrefixMethod, register
 from jaxpeft.adapters.native_io import load_adapter, load_any, save_adapter, save_any
+from jaxpeft.adapters.partition import (count_parameters, partitioned_optimizer, split_state,
+                                       trainable_parameters_line)
+from jaxpeft.adapters.peft_io import export_peft, import_peft
 from jaxpeft.adapters.pissa import PissaConfig
 from jaxpeft.adapters.prefix import PrefixTuningConfig
 from jaxpeft.adapters.ptuning_v2 import PTuningV2Config
@@ -41,4 +45,6 @@ from jaxpeft.adapters.svfit import SvfitConfig
 __all__ = ["ALL", "APTConfig", "AdaloraConfig", "AdaptedModel", "AdapterConfig", "AdapterState", "CordaConfig", "DenseMethod", "DoraConfig", "FullConfig",
            "IA3Config", "IMSMConfig", "KasaConfig", "LoraConfig", "METHODS", "Method", "PTuningV2Config", "PissaConfig", "PrefixMethod", "PrefixTuningConfig", "SaltConfig",
            "SorsaConfig", "SvfitConfig",
-           "drop_adapter", "load_adapter", "load_any", "register", "save_adapter", "save_any"]
+           "count_parameters", "drop_adapter", "export_peft", "import_peft", "load_adapter", "load_any", "merge",
+           "partitioned_optimizer", "register", "save_adapter", "save_any", "split_state", "trainable_parameters_line",
+           "unmerge"]

@@ -66,6 +66,7 @@ class AdaloraConfig(AdapterConfig):
 
 
 def check_schedule(cfg: AdaloraConfig, total: int) -> None:
+    """ValueError unless the schedule of `total` steps has a budgeting phase: total > 0 and tinit < total - tfinal."""
     if total <= 0 or cfg.tinit >= total - cfg.tfinal:
         raise ValueError(f"AdaLoRA schedule: tinit={cfg.tinit} must be < total_step - tfinal = {total} - "
                          f"{cfg.tfinal} (no budgeting phase otherwise): lower tinit/tfinal or train longer")
@@ -84,6 +85,9 @@ def budget_schedule(cfg: AdaloraConfig, step: jax.Array, total: int, init_bgt: i
 
 
 class Adalora(DenseMethod):
+    """AdaLoRA: trainable lora_A (n_in, r_init), lora_E (r_init,), lora_B (r_init, n_out); the output changes by
+    s ((drop(x) A) * E) B. The rank allocator (a training hook) zeroes pruned triplets' E after optimizer steps."""
+
     name = "adalora"
     config_cls = AdaloraConfig
 

@@ -71,6 +71,9 @@ def pool_hidden(x_btd: jax.Array, pool_mask_bt: jax.Array, how: str) -> jax.Arra
 
 
 class APT(PTuningV2):
+    """APT: P-tuning v2 prefixes scaled per layer by lambda () and per row and slot by the gates alpha (B, l) =
+    sigmoid(pool(h) W (+ c)), h (B, T, D) the tensor the layer's prefix hook receives."""
+
     name = "apt"
     config_cls = APTConfig
     has_peft_format = False

@@ -75,6 +75,9 @@ def damped_inverse(cov: jax.Array, tol: float = 0.05, start: float = 0.01, max_d
 
 
 class Corda(ResidualLoRA):
+    """CorDA: a ResidualLoRA whose lora_A, lora_B come from the SVD of W0 C' (C' the damped input covariance from
+    `calibrate`): the top r directions with 'ipm', the bottom r with 'kpm'."""
+
     name = "corda"
     config_cls = CordaConfig
     needs_calibration = True

@@ -42,14 +42,17 @@ _HOOK_SITES: dict[Any, tuple[HookSite, ...]] = {}
 
 
 def trainable_collection(name: str) -> str:
+    """The flax variable collection of adapter `name`'s trainable variables: 'adapter:<name>'."""
     return f"adapter:{name}"
 
 
 def extras_collection(name: str) -> str:
+    """The flax variable collection of adapter `name`'s frozen extras: 'adapter_extras:<name>'."""
     return f"adapter_extras:{name}"
 
 
 def calibration_collection(name: str) -> str:
+    """The flax variable collection `calibrate` fills with adapter `name`'s input statistics: 'calibration:<name>'."""
     return f"calibration:{name}"
 
 
@@ -71,6 +74,7 @@ class AdapterSpec:
 
     @property
     def kind(self) -> str:
+        """The method kind of `config`: 'dense' or 'prefix' (for a wrapped adapter, the inner method's)."""
         return method_for(self.config).kind
 
     @property
@@ -114,9 +118,11 @@ class AdaptedModel:
     # ---- adapter set -------------------------------------------------------------------------------
     @property
     def names(self) -> tuple[str, ...]:
+        """The adapters' names, in the order they were added."""
         return tuple(s.name for s in self.adapters)
 
     def spec(self, name: str) -> AdapterSpec:
+        """The AdapterSpec of adapter `name` (KeyError naming this model's adapters when there is none)."""
         for s in self.adapters:
             if s.name == name:
                 return s

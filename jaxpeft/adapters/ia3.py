@@ -74,6 +74,9 @@ def is_feedforward(spec: tuple[str, ...] | str, hf_name: str) -> bool:
 
 
 class IA3(DenseMethod):
+    """(IA)^3: one trainable vector ia3_l per module, scaling its output (n_out,) or, for a feed-forward target,
+    its input (n_in,)."""
+
     name = "ia3"
     config_cls = IA3Config
 
@@ -81,6 +84,7 @@ class IA3(DenseMethod):
         return DEFAULT_TARGETS[arch]
 
     def default_feedforward(self, arch: str) -> tuple[str, ...]:
+        """PEFT's default feed-forward modules (the targets whose input is scaled) for architecture `arch`."""
         return DEFAULT_FEEDFORWARD[arch]
 
     def extra_options(self, cfg, hf_name, arch: Any = _UNSET):

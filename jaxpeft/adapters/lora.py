@@ -52,6 +52,8 @@ def _check_lora(cfg: Any) -> None:
 
 
 def lora_scale(cfg: Any, options: dict[str, Any]) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha from the module's options (rank_pattern,
+    alpha_pattern) when they set them, else the config's."""
     r, alpha = options.get("r", cfg.r), options.get("alpha", cfg.lora_alpha)
     return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
 
@@ -74,6 +76,8 @@ def init_lora_ab(cfg: Any, options: dict[str, Any], n_in: int, n_out: int, rng: 
 
 
 class Lora(DenseMethod):
+    """LoRA / rsLoRA: trainable lora_A (n_in, r) and lora_B (r, n_out); the output changes by s (drop(x) A) B."""
+
     name = "lora"
     config_cls = LoraConfig
 

@@ -125,6 +125,8 @@ class DenseMethod(Method):
         raise NotImplementedError
 
     def default_targets(self, arch: str) -> tuple[str, ...]:
+        """target_modules when the config gives none: module-name suffixes for a jaxpeft backbone of architecture
+        `arch` (e.g. ('q_proj', 'v_proj') for 'llama')."""
         raise NotImplementedError
 
     def scale(self, cfg: AdapterConfig, options: dict[str, Any]) -> float:
@@ -242,6 +244,7 @@ def register(method: Method) -> Method:
 
 
 def method_for(cfg: AdapterConfig) -> Any:
+    """The registered Method for `cfg.method` (ValueError listing the registered names when there is none)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown adapter method {cfg.method!r}; registered: {sorted(METHODS)}")
     return METHODS[cfg.method]

@@ -168,6 +168,7 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
 
 
 def is_native(path: str | os.PathLike) -> bool:
+    """True when the folder `path` holds a jaxpeft-format adapter (a jaxpeft_adapter.json)."""
     return (Path(path) / CONFIG_FILE).exists()
 
 

@@ -87,6 +87,8 @@ def sqrt_split(p_r: jax.Array, sigma_r: jax.Array, q_r: jax.Array, scale) -> tup
 
 
 class Pissa(ResidualLoRA):
+    """PiSSA: a ResidualLoRA whose lora_A, lora_B start from W0's top-r SVD (exact, or randomized with niter)."""
+
     name = "pissa"
     config_cls = PissaConfig
 

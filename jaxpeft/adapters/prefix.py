@@ -103,6 +103,7 @@ class PrefixTuning(PrefixMethod):
 
     # ---- init ---------------------------------------------------------------------------------------
     def init_prefix(self, cfg, shape: tuple[int, ...], rng: jax.Array) -> jax.Array:
+        """A float32 array of `shape`: zeros (init_weights 'zero') or N(0, init_std^2) ('normal')."""
         if cfg.init_weights == "zero":
             return jnp.zeros(shape, jnp.float32)
         return cfg.init_std * jax.random.normal(rng, shape, jnp.float32)

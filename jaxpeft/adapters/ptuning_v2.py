@@ -42,6 +42,8 @@ class PTuningV2Config(PrefixTuningConfig):
 
 
 def check_lengths(cfg) -> None:
+    """ValueError when prefix_lengths is set but empty, has an entry that is not an int >= 0, has no entry > 0,
+    or comes with prefix_projection."""
     if cfg.prefix_lengths is not None:
         if not cfg.prefix_lengths or any(not isinstance(n, int) or n < 0 for n in cfg.prefix_lengths) \
                 or max(cfg.prefix_lengths) < 1:
@@ -51,6 +53,9 @@ def check_lengths(cfg) -> None:
 
 
 class PTuningV2(PrefixTuning):
+    """P-tuning v2: prefix tuning with optional per-layer lengths, padded to the longest and hidden by a frozen
+    slot_mask (L, l_max); saved in the jaxpeft format (no PEFT format)."""
+
     name = "ptuning_v2"
     config_cls = PTuningV2Config
     has_peft_format = False

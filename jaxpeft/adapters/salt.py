@@ -53,6 +53,9 @@ def top_rank(cfg: SaltConfig, k: int) -> int:
 
 
 class Salt(DenseMethod):
+    """SALT: frozen full SVD of W0 (salt_U, salt_sigma, salt_Vt); trainable scale and shift salt_a, salt_b (r_t,) of
+    the top singular values and salt_X, salt_Y of the tail; the output changes by x U (ReLU(Sigma') - Sigma) V^T."""
+
     name = "salt"
     config_cls = SaltConfig
 

@@ -35,6 +35,9 @@ class SorsaConfig(LoraConfig):
 
 
 class Sorsa(ResidualLoRA):
+    """SORSA: a ResidualLoRA with lora_A = P_r, sorsa_S = sigma_r, lora_B = Q_r^T all trainable, and an orthonormality
+    regulariser whose gradient joins the task gradient after clipping."""
+
     name = "sorsa"
     config_cls = SorsaConfig
 

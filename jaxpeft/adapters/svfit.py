@@ -31,6 +31,9 @@ class SvfitConfig(AdapterConfig):
 
 
 class Svfit(DenseMethod):
+    """SVFit: trainable svfit_sigma (r,) on W0's frozen top-r singular vectors svfit_P (n_in, r), svfit_Qt (r, n_out);
+    the output changes by x P_r diag(sigma' - sigma_r) Q_r^T."""
+
     name = "svfit"
     config_cls = SvfitConfig
 

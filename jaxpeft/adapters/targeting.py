@@ -37,6 +37,7 @@ class ModuleTarget:
     layer_options: tuple[tuple[tuple[str, Any], ...], ...]
 
     def hf_name(self, layer: int | None) -> str:
+        """The concrete module path at `layer` (the template's '{i}' filled in; the path itself when not layered)."""
         return self.hf_module.format(i=layer) if self.layered else self.hf_module
 
     @property
@@ -107,6 +108,7 @@ def matches(spec: str | tuple[str, ...] | None, name: str) -> bool:
 
 
 def concrete_names(m: DenseModule) -> list[tuple[int | None, str]]:
+    """(layer index, concrete canonical name) for every layer of `m`; [(None, name)] when it is not layered."""
     if m.layered:
         return [(i, m.hf_module.format(i=i)) for i in range(m.num_layers)]
     return [(None, m.hf_module)]
@@ -188,6 +190,7 @@ class HookSite:
 
     @property
     def hf_module(self) -> str:
+        """The hook's module path with '.' separators ('layers.self_attn.prefix')."""
         return self.flax_module.replace("/", ".")
 
 

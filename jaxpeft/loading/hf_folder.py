@@ -28,6 +28,7 @@ class SafetensorsReader:
 
     @property
     def keys(self) -> list[str]:
+        """Every tensor name, over all the files."""
         return list(self._files_by_key)
 
     def _handle(self, path: Path):
@@ -36,6 +37,7 @@ class SafetensorsReader:
         return self._handles[path]
 
     def get(self, key: str):
+        """Tensor `key` as a jax array in the file's dtype and HF layout (CheckpointError when it cannot be read)."""
         path = self._files_by_key[key]
         try:
             return self._handle(path).get_tensor(key)
@@ -49,6 +51,7 @@ class SafetensorsReader:
         return (self._handle(first).metadata() or {}) if first else {}
 
     def close(self) -> None:
+        """Drop the open file handles (a later `get` opens the file again)."""
         self._handles.clear()
 
 

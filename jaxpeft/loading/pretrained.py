@@ -156,3 +156,25 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
 def abstract_params(pretrained: Pretrained) -> Any:
     """ShapeDtypeStructs of the params (for sharding plans and checkpoint restore targets)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained.params)
+
+
+def save_hf_folder(pretrained: Pretrained, out_dir: str | os.PathLike, params: Any = None) -> Path:
+    """Write a loaded checkpoint (or other params of the same model, e.g. merged ones) as a Hugging Face folder:
+    model.safetensors (HF key names and layouts, float32 as loaded), config.json and tokenizer.json, readable by
+    `transformers.AutoModel*.from_pretrained` and by `load_pretrained`. Returns the folder."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from jaxpeft.loading.convert import params_to_hf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = params_to_hf(pretrained.config, pretrained.task, pretrained.params if params is None else params)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(pretrained.hf_config, indent=2))
+    if pretrained.tokenizer is not None:
+        pretrained.tokenizer.tokenizer.save(str(out / "tokenizer.json"))
+    return out

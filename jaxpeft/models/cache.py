@@ -49,10 +49,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """S: the slots per row, reserved prefix slots included (k.shape[2])."""
         return self.k.shape[2]
 
     @property
     def prefix_slots(self) -> int:
+        """P: the slots reserved for prefix entries (0 without prefix_valid)."""
         return 0 if self.prefix_valid is None else self.prefix_valid.shape[2]
 
     def layer_inputs(self) -> dict[str, jax.Array]:

@@ -125,6 +125,7 @@ class ModelConfig:
 
     @property
     def is_decoder(self) -> bool:
+        """True for the causal decoders (llama, qwen2, gemma3_text, gpt2), False for the encoders (bert, roberta)."""
         return self.arch in DECODER_ARCHS or self.arch == "gpt2"
 
     @property
@@ -136,6 +137,7 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
+        """The attention logit scale: query_pre_attn_scalar ** -0.5 when it is set, else head_dim ** -0.5."""
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return float(base) ** -0.5
 

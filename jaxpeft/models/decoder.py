@@ -120,6 +120,8 @@ class DecoderModel(nn.Module):
     task: str = "causal_lm"
 
     def setup(self) -> None:
+        """Creates `embed_tokens`, the block stack `layers` (scanned or unrolled, with cfg.remat), the final `norm`,
+        and the head: `lm_head` (causal_lm with untied embeddings) or `score` (seq_cls, token_cls)."""
         cfg, dt = self.cfg, _dtypes(self.cfg)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **dt)
         self.norm = RMSNorm(cfg.norm_eps, cfg.norm_offset, **dt)

@@ -18,6 +18,9 @@ from jaxpeft.models.stack import layer_stack
 
 
 class SelfAttention(nn.Module):
+    """HF `*SelfAttention`: query/key/value projections, the prefix hook's entries attached, bidirectional
+    attention; (B, T, D) -> (B, T, D), before the output projection."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -50,6 +53,8 @@ class AddNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """HF `*Attention`: SelfAttention ('self') then AddNorm ('output'); (B, T, D) -> (B, T, D)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -59,6 +64,8 @@ class Attention(nn.Module):
 
 
 class Intermediate(nn.Module):
+    """HF `*Intermediate`: dense to intermediate_size, then the activation; (B, T, D) -> (B, T, I)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -68,6 +75,9 @@ class Intermediate(nn.Module):
 
 
 class EncoderBlock(nn.Module):
+    """One post-LN layer: attention, intermediate, output AddNorm; (B, T, D) -> ((B, T, D), {}) (no per-layer
+    outputs)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -78,6 +88,8 @@ class EncoderBlock(nn.Module):
 
 
 class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout: ids, positions, token types (B, T) -> (B, T, D)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -93,9 +105,12 @@ class Embeddings(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The stack of cfg.num_layers EncoderBlocks; (B, T, D) -> (B, T, D)."""
+
     cfg: ModelConfig
 
     def setup(self) -> None:
+        """Creates `layer`: the EncoderBlock stack (scanned or unrolled by cfg.scan_layers, with cfg.remat)."""
         self.layer = layer_stack(EncoderBlock, self.cfg.num_layers, scan=self.cfg.scan_layers, remat=self.cfg.remat)(self.cfg)
 
     def __call__(self, x_btd, ctx, deterministic):
@@ -103,6 +118,8 @@ class Encoder(nn.Module):
 
 
 class Pooler(nn.Module):
+    """BERT's pooler: tanh(dense(h[:, 0])) on the first token's hidden state; (B, T, D) -> (B, D)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -112,6 +129,8 @@ class Pooler(nn.Module):
 
 
 class RobertaClassificationHead(nn.Module):
+    """RoBERTa's sequence head on <s>: dropout, dense + tanh, dropout, out_proj; (B, T, D) -> (B, C) logits."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -136,6 +155,8 @@ class EncoderModel(nn.Module):
     task: str = "seq_cls"
 
     def setup(self) -> None:
+        """Creates `embeddings`, `encoder`, the `pooler` when `uses_pooler`, the task's `classifier`
+        (RobertaClassificationHead or a Dense for seq_cls, a Dense for token_cls) and `head_dropout`."""
         cfg, dt = self.cfg, _dtypes(self.cfg)
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)

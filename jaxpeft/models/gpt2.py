@@ -20,6 +20,9 @@ from jaxpeft.models.stack import layer_stack
 
 
 class GPT2Attention(nn.Module):
+    """GPT-2 attention: fused c_attn -> q, k, v, KV-cache write and prefix-hook entries, causal attention, c_proj,
+    dropout; (B, T, D) -> ((B, T, D), the layer's new cache entries or None)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -51,6 +54,8 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2Block(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(x)); (B, T, D) -> ((B, T, D), new cache entries or {})."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -65,6 +70,8 @@ class GPT2Block(nn.Module):
 
 
 class GPT2MLP(nn.Module):
+    """c_fc (D -> I), activation, c_proj (I -> D), dropout; (B, T, D) -> (B, T, D)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -82,6 +89,8 @@ class GPT2Model(nn.Module):
     task: str = "causal_lm"
 
     def setup(self) -> None:
+        """Creates `wte`, `wpe`, `drop`, the block stack `h`, the final `ln_f`, and the head: `lm_head` (causal_lm
+        with untied embeddings), `score` (seq_cls) or `classifier` (token_cls)."""
         cfg, dt = self.cfg, _dtypes(self.cfg)
         self.wte = Embed(cfg.vocab_size, cfg.hidden_size, **dt)
         self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, ("positions", "embed"), **dt)

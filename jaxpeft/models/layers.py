@@ -50,6 +50,7 @@ class Embed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """Creates the `embedding` param (num_embeddings, features) in param_dtype, initialised N(0, 0.02^2)."""
         self.embedding = self.param("embedding", nn.with_logical_partitioning(_INIT, self.axes),
                                     (self.num_embeddings, self.features), self.param_dtype)
 

@@ -72,10 +72,12 @@ class ParamEntry:
 
     @property
     def flax_module(self) -> str:
+        """The leaf's module path: flax_path without its last component."""
         return self.flax_path.rsplit("/", 1)[0]
 
     @property
     def hf_module(self) -> str:
+        """The HF module key (template): hf_key without its last component ('weight', 'bias', ...)."""
         return self.hf_key.rsplit(".", 1)[0]
 
     def hf_keys(self, num_layers: int) -> list[str]:

@@ -42,7 +42,7 @@ def _yaml(text: str) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, use_attribute_docstrings=True)
 
 
 class ModelSection(_Section):
@@ -50,11 +50,13 @@ class ModelSection(_Section):
 
     checkpoint: str = Field(description="HF folder, .gguf file, jaxpeft asset name, or hub id")
     task: Literal["causal_lm", "seq_cls", "token_cls", "multiple_choice"] = "causal_lm"
+    """What the run trains and evaluates (docs/tasks.md): the head built and the task's loss and metrics."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype."""
     param_dtype: Literal["float32", "bfloat16"] | None = None
     """Storage dtype of the frozen weights (default: dtype). Adapter weights always stay float32."""
     scan_layers: Bool = True
+    """Run the layers under nn.scan (compiles once for all layers); false unrolls the same parameter tree."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "dots_no_batch"
     """Activation rematerialisation per layer (jax.checkpoint policy): 'dots_no_batch' keeps the matmul outputs
     and recomputes the rest (faster and ~45% less activation memory than 'none' on CPU), 'full' keeps the least."""
@@ -63,8 +65,10 @@ class ModelSection(_Section):
 class AdapterSection(_Section):
     """The PEFT method and its hyper-parameters (any field of the method's config class)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
     method: str = "lora"
+    """The registered method name (lora, dora, ia3, kasa, pissa, corda, sorsa, svfit, salt, adalora, full, prefix,
+    ptuning_v2, apt, imsm); the section's other keys are fields of that method's config class."""
 
     def build(self) -> Any:
         """The method's AdapterConfig; unknown or mistyped fields raise ConfigError naming `adapter.<key>`."""
@@ -105,14 +109,20 @@ class DataSection(_Section):
     """Where the rows come from and how they become token ids."""
 
     path: str | None = None
-    """Folder with {train,validation,test}.jsonl (or .csv/.parquet), or a `datasets` hub name."""
+    """Folder with {train,validation,test}.jsonl (or .csv/.parquet), a bundled dataset (`bundled:arithmetic`,
+    `bundled:sentiment`, `bundled:twitter_ner`, `bundled:e2e_nlg`), `tfds:NAME`, or a `datasets` hub name."""
     train_split: str = "train"
+    """Split name of the training rows (file train.jsonl for a folder)."""
     eval_split: str = "validation"
+    """Split name of the evaluation rows."""
     max_train_rows: Int | None = Field(default=None, gt=0)
+    """Use only the first this many training rows (null: all)."""
     max_eval_rows: Int | None = Field(default=None, gt=0)
+    """Evaluate on only the first this many rows (null: all)."""
     max_length: Int = Field(default=128, gt=0)
     """Longest tokenized example; longer rows are an error unless truncate is true."""
     truncate: Bool = False
+    """Cut rows longer than max_length (the response end for causal LM) instead of raising an error."""
     buckets: tuple[Int, ...] | Literal["auto"] = "auto"
     """Padded lengths (jit compiles once per bucket); a batch goes to the smallest bucket that fits its longest
     row. 'auto': at most max_buckets lengths (multiples of bucket_multiple) chosen from the data's own batch
@@ -124,14 +134,23 @@ class DataSection(_Section):
     prompt_format: Literal["plain", "chat"] = "plain"
     """'plain': prompt + ' ' + response; 'chat': the checkpoint's chat template around the prompt."""
     text_field: str = "text"
+    """Classification: the field holding the text."""
     text_pair_field: str | None = None
+    """Classification: the field holding the second text of a pair (null: single texts)."""
     label_field: str = "label"
+    """Classification: the field holding the label (a name from labels, or an index)."""
     prompt_field: str = "prompt"
+    """Causal LM / multiple choice: the field holding the prompt."""
     response_field: str = "response"
+    """Causal LM: the field holding the response the loss scores."""
     tokens_field: str = "tokens"
+    """Token classification: the field holding the list of words."""
     tags_field: str = "tags"
+    """Token classification: the field holding one BIO tag per word."""
     choices_field: str = "choices"
+    """Multiple choice: the field holding the list of choice texts."""
     answer_field: str = "answer_index"
+    """Multiple choice: the field holding the index of the correct choice."""
     labels: tuple[str, ...] | None = None
     """Label names (classification / NER); default: labels.json next to the data."""
 
@@ -155,35 +174,60 @@ class DataSection(_Section):
 
 
 class OptimSection(_Section):
+    """The optimizer and its learning-rate schedule: linear warm-up to lr, then constant, linear or cosine decay to
+    0 at train.steps; the gradient's global norm is clipped at clip_norm first."""
+
     optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """optax.adamw or optax.adafactor, over the trainable tree only."""
     lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate (methods may set their own for some parameters, e.g. IMSM's gate_lr)."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay (AdamW) or Adafactor's weight_decay_rate."""
     b1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW's first-moment decay."""
     b2: float = Field(default=0.999, ge=0, lt=1)
+    """AdamW's second-moment decay."""
     schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate shape after warm-up: constant, linear to 0, or cosine to 0 at train.steps."""
     warmup_steps: Int = Field(default=0, ge=0)
+    """Steps of linear warm-up from 0 to lr."""
     clip_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the gradient's global norm to this before the update; null: no clipping."""
 
 
 class TrainSection(_Section):
+    """The training loop: steps and batch sizes, evaluation, logging and checkpoint cadence, the run folder and
+    resumption."""
+
     steps: Int = Field(default=100, gt=0)
+    """Optimizer steps of the run (a resumed run continues up to this)."""
     batch_size: Int = Field(default=8, gt=0)
+    """Rows per optimizer step, over all devices and processes."""
     grad_accum: Int = Field(default=1, gt=0)
     """Micro-batches per optimizer step (each micro-batch holds batch_size // grad_accum rows)."""
     seed: Int = 0
+    """Seeds the adapter init, the data order and dropout: the same seed and config give the same run."""
     loss_chunk: Int | None = Field(default=None, gt=0)
     """Causal LM: run the LM head and cross-entropy this many scored positions at a time (recomputed in the
     backward pass), so no (batch, positions, vocabulary) logits tensor is ever whole; None: all at once."""
     eval_every: Int = Field(default=50, gt=0)
+    """Evaluate every this many steps (and at the end)."""
     eval_batch_size: Int = Field(default=32, gt=0)
+    """Rows per evaluation and generation batch."""
     log_every: Int = Field(default=10, gt=0)
+    """Write the training loss (and tokens/s) to metrics.jsonl every this many steps."""
     output_dir: str = "runs/default"
+    """The run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/, plots."""
     keep_last: Int = Field(default=2, gt=0)
+    """Checkpoints kept besides the best one."""
     checkpoint_every: Int = Field(default=50, gt=0)
+    """Save a checkpoint every this many steps (and at the end)."""
     best_metric: str | None = "eval_loss"
     """Metric that chooses the kept best checkpoint (eval_loss, accuracy, exact_match, ...)."""
     best_mode: Literal["min", "max"] = "min"
+    """Whether a lower (min) or higher (max) best_metric is better."""
     eval_before_training: Bool = True
+    """Evaluate at step 0 too (metrics_before), so the run shows what training changed."""
     resume: Bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
     prefetch: Int = Field(default=2, ge=0)
@@ -202,11 +246,19 @@ class TrainSection(_Section):
 
 
 class GenerationSection(_Section):
+    """Decoding for causal-LM runs: the continuations scored at evaluation and the examples shown after
+    training (greedy at temperature 0, else sampled with top_k / top_p)."""
+
     max_new_tokens: Int = Field(default=16, gt=0)
+    """Longest continuation generated per prompt (evaluation and the shown examples)."""
     temperature: float = Field(default=0.0, ge=0)
+    """0: greedy decoding; above 0: sampling at this temperature."""
     top_k: Int = Field(default=0, ge=0)
+    """Sample only among the k most likely tokens (0: no limit)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling: the smallest token set with this much probability (1: no limit)."""
     show_examples: Int = Field(default=3, ge=0)
+    """Evaluation rows whose generations the run prints at the end."""
     eval_generate: Bool = True
     """Compute generation metrics (exact match, BLEU, ...) at evaluation for causal-LM tasks."""
 
@@ -245,16 +297,25 @@ class RunConfig(_Section):
     """A whole run: `jaxpeft train CONFIG.yaml` or `jaxpeft.train.run(RunConfig(...))`."""
 
     model: ModelSection
+    """The pretrained backbone."""
     adapter: AdapterSection = AdapterSection()
+    """The PEFT method and its options."""
     data: DataSection
+    """Where the rows come from and how they are tokenized and padded."""
     optim: OptimSection = OptimSection()
+    """Optimizer, learning-rate schedule and clipping."""
     train: TrainSection = TrainSection()
+    """Steps, batches, evaluation, checkpoints and the run folder."""
     generation: GenerationSection = GenerationSection()
+    """Decoding for generation metrics and the shown examples."""
     mesh: MeshSection = MeshSection()
+    """How devices are arranged (data, fsdp, tensor) and the sharding rules."""
     metrics: tuple[str, ...] | None = None
-    """Metrics to report; default by task (see jaxpeft.train.tasks)."""
+    """Metrics to report (names from jaxpeft.train.metrics); default by task: exact_match (causal LM),
+    accuracy, macro_f1, mcc (classification), span_f1 (tagging), accuracy (multiple choice)."""
 
     def adapter_config(self) -> Any:
+        """The method's AdapterConfig built from the adapter section (ConfigError naming `adapter.<key>`)."""
         return self.adapter.build()
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from jaxpeft.bundled import PREFIX as BUNDLED, names as bundled_names, resolve as resolve_bundled
 from jaxpeft.train.config import DataSection
 
 Example = dict[str, Any]
@@ -36,7 +37,7 @@ def load_split(section: DataSection, split: str, max_rows: int | None = None) ->
         raise DataError("data.path is not set: give a folder with train/validation files or a dataset name")
     if section.path.startswith("tfds:"):
         return _load_tfds(section.path[len("tfds:"):], split, max_rows)
-    path = Path(section.path).expanduser()
+    path = Path(data_folder(section.path)).expanduser()
     if path.is_dir() or (path.suffix in _FORMATS and path.exists()):
         file = path
         if path.is_dir():
@@ -62,6 +63,15 @@ def load_split(section: DataSection, split: str, max_rows: int | None = None) ->
     if not rows:
         raise DataError(f"{where}: split {split!r} is empty")
     return rows
+
+
+def data_folder(path: str) -> str:
+    """data.path as a local path: `bundled:NAME` becomes the packaged dataset's folder; other paths unchanged."""
+    try:
+        return resolve_bundled(path)
+    except KeyError:
+        raise DataError(f"data.path={path!r}: no such bundled dataset; bundled: "
+                        f"{', '.join(BUNDLED + n for n in bundled_names())}") from None
 
 
 def _load_tfds(name: str, split: str, max_rows: int | None) -> list[dict[str, Any]]:
@@ -140,6 +150,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (DataError when n is longer than the largest)."""
     for b in buckets:
         if n <= b:
             return b
@@ -189,6 +200,7 @@ class Batcher:
 
     @property
     def batches_per_epoch(self) -> int:
+        """Full batches per epoch: len(examples) // batch_size (the rest of the epoch is dropped)."""
         return len(self.examples) // self.batch_size
 
     def _order(self, epoch: int) -> np.ndarray:

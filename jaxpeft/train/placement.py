@@ -35,6 +35,7 @@ class Placement:
 
     @property
     def replicated(self) -> NamedSharding:
+        """A whole copy on every device of the mesh."""
         return replicated(self.mesh)
 
     @property

@@ -24,7 +24,7 @@ from jaxpeft.adapters.partition import trainable_parameters_line
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.compile_cache import enable_compilation_cache
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
-from jaxpeft.train.data import Batcher, DataError, Prefetch, eval_batches, load_split
+from jaxpeft.train.data import Batcher, DataError, Prefetch, data_folder, eval_batches, load_split
 from jaxpeft.train.placement import Placement
 from jaxpeft.train.loop import (gathered_head_tokens, generate_with_adapter, init_optimizer_state, iterate_losses,
                                 make_eval_loss, make_optimizer, make_regularizer, make_train_step)
@@ -72,8 +72,9 @@ class _Context:
 def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
     if cfg.data.labels:
         return cfg.data.labels
-    if cfg.model.task in ("seq_cls", "token_cls") and cfg.data.path and (Path(cfg.data.path) / "labels.json").exists():
-        return tuple(json.loads((Path(cfg.data.path) / "labels.json").read_text()))
+    folder = Path(data_folder(cfg.data.path)) if cfg.data.path else None
+    if cfg.model.task in ("seq_cls", "token_cls") and folder and (folder / "labels.json").exists():
+        return tuple(json.loads((folder / "labels.json").read_text()))
     if cfg.model.task in ("seq_cls", "token_cls"):
         raise ConfigError("data.labels: needed for classification (or a labels.json next to the data)")
     return None
@@ -454,22 +455,13 @@ def export_checkpoint(config: RunConfig | str | dict, out_dir: str, *, step: int
 
 def merge_to_folder(checkpoint: str, adapter: str, out_dir: str, task: str = "causal_lm") -> Path:
     """Base + PEFT adapter -> merged weights as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
-    from safetensors.numpy import save_file
-
     from jaxpeft.adapters.merge import merge
-    from jaxpeft.loading.convert import params_to_hf
-    from jaxpeft.loading.pretrained import load_pretrained
+    from jaxpeft.loading.pretrained import load_pretrained, save_hf_folder
 
     pre = load_pretrained(checkpoint, task=task)
     model, state = load_any(AdaptedModel.wrap(pre.module), pre.params, adapter)
     merged, _ = merge(model, pre.params, state, "default")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(params_to_hf(pre.config, task, merged), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(pre.hf_config, indent=2))
-    if pre.tokenizer is not None:
-        pre.tokenizer.tokenizer.save(str(out / "tokenizer.json"))
-    return out
+    return save_hf_folder(pre, out_dir, merged)
 
 
 __all__ = ["RunResult", "TrainingDiverged", "DataError", "run", "evaluate", "export_checkpoint", "merge_to_folder"]

@@ -66,6 +66,8 @@ class Task:
     metrics: tuple[str, ...] = field(default=())
 
     def encode(self, row: dict[str, Any], index: int) -> Example:
+        """One data row -> an Example: its token ids plus the task's targets (`index`: the row's position, for
+        error messages)."""
         raise NotImplementedError
 
     def loss(self, out: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -77,6 +79,7 @@ class Task:
         return {"pred": jnp.argmax(out.logits, axis=-1).astype(jnp.int32)}
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Model keyword inputs beyond ids and mask, from a batch: token_type_ids_bt (B, T) when it has them."""
         extra = {}
         if "token_type_ids" in batch:
             extra["token_type_ids_bt"] = batch["token_type_ids"]
@@ -107,12 +110,14 @@ class CausalLMTask(Task):
     """Supervised fine-tuning: prompt (+ chat template) then ' ' + response + EOS; loss on response and EOS."""
 
     def prompt_text(self, row: dict[str, Any], index: int) -> str:
+        """The row's prompt, inside the tokenizer's chat template when data.prompt_format is 'chat'."""
         prompt = _field(row, self.cfg.data.prompt_field, index, "prompt_field")
         if self.cfg.data.prompt_format == "chat":
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return prompt
 
     def prompt_ids(self, row: dict[str, Any], index: int) -> list[int]:
+        """Token ids of `prompt_text`, the tokenizer's special tokens included."""
         return self.tokenizer.encode(self.prompt_text(row, index))
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +179,7 @@ class CausalLMTask(Task):
         return jnp.sum(rows), count
 
     def references(self, row: dict[str, Any]) -> list[str]:
+        """The row's reference texts for generation metrics: its 'references' list, else its response."""
         refs = row.get("references") or [row[self.cfg.data.response_field]]
         return [str(r) for r in refs]
 
@@ -189,7 +195,15 @@ class CausalLMTask(Task):
 class MultipleChoiceTask(CausalLMTask):
     """Trained as causal LM on the correct response; evaluated by the summed log-probability of each choice."""
 
+    def encode(self, row, index):
+        """The correct choice as the response (the row's response_field when it has one)."""
+        if row.get(self.cfg.data.response_field) is None:
+            choices = _field(row, self.cfg.data.choices_field, index, "choices_field")
+            row = {**row, self.cfg.data.response_field: choices[self.answer(row, index)]}
+        return super().encode(row, index)
+
     def choice_examples(self, row: dict[str, Any], index: int) -> list[Example]:
+        """One causal-LM Example per choice of the row: the prompt with that choice as the response."""
         choices = _field(row, self.cfg.data.choices_field, index, "choices_field")
         return [self.encode({**row, self.cfg.data.response_field: c}, index) for c in choices]
 
@@ -211,6 +225,7 @@ class MultipleChoiceTask(CausalLMTask):
         return {"accuracy": float(np.mean([best[i][1] == self.answer(r, i) for i, r in enumerate(rows)]))}
 
     def answer(self, row: dict[str, Any], index: int) -> int:
+        """The index of the row's correct choice (DataError when it is out of range)."""
         ans = int(_field(row, self.cfg.data.answer_field, index, "answer_field"))
         n = len(row[self.cfg.data.choices_field])
         if not 0 <= ans < n:
@@ -286,6 +301,7 @@ class TokenClsTask(Task):
         return weighted_nll(out.logits, jnp.maximum(labels, 0), valid)
 
     def word_tags(self, labels_t: np.ndarray, pred_t: np.ndarray) -> tuple[list[str], list[str]]:
+        """(predicted tags, gold tags) of one row's words, read at the positions with a label >= 0 (T,)."""
         keep = labels_t >= 0
         return ([self.labels[i] for i in pred_t[keep]], [self.labels[i] for i in labels_t[keep]])
 
@@ -301,9 +317,11 @@ TASKS = {"causal_lm": CausalLMTask, "seq_cls": SeqClsTask, "token_cls": TokenCls
 
 
 def make_task(cfg: RunConfig, tokenizer: Any, labels: Sequence[str] | None) -> Task:
+    """The Task for cfg.model.task, with the label names and cfg.metrics (default: the task's own metrics)."""
     metrics = cfg.metrics or DEFAULT_METRICS[cfg.model.task]
     return TASKS[cfg.model.task](cfg, tokenizer, tuple(labels) if labels else None, tuple(metrics))
 
 
 def encode_rows(task: Task, rows: Sequence[dict[str, Any]]) -> list[Example]:
+    """task.encode of every row, in order."""
     return [task.encode(r, i) for i, r in enumerate(rows)]

@@ -1,6 +1,6 @@
 """AdaLoRA against HF PEFT 0.21.2: the rank allocator step by step on the same weights and gradients (masks, E),
 export of a pruned adapter (PEFT's rank_pattern and resized tensors) and import of one PEFT trained and pruned, with
-logits parity; the orthogonality regulariser; counts (METHODS §15: r_init = 12).
+logits parity; the orthogonality regulariser; counts (docs/methods/adalora.md, Trainable parameters: r_init = 12).
 """
 import json
 import os
@@ -205,7 +205,7 @@ def test_trainable_count_equals_section_15_and_peft():
         model = transformers.LlamaForCausalLM(make())
     pm = peft.get_peft_model(model, peft.AdaLoraConfig(target_modules=list(TARGETS), total_step=10))
     # on the meta device PEFT also flags its per-module `ranknum` scalar (a constant, r_init) as trainable: 60 of
-    # them here; a model built on the CPU does not, and METHODS §15 counts 691,920
+    # them here; a model built on the CPU does not, and docs/methods/adalora.md (Trainable parameters) counts 691,920
     ranknum = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "ranknum" in n)
     assert pm.get_nb_trainable_parameters()[0] - ranknum == 691_920
 

@@ -127,7 +127,7 @@ def test_parameter_count_is_inner_plus_5_d_r_or_3_d_r_without_query():
         am = AdaptedModel.wrap(build_model(cfg, "causal_lm")).add(af.NAME, IMSMConfig(inner=inner, use_query=use_query))
         state = jax.eval_shape(lambda fr: am.init(jax.random.key(0), fr), frozen)
         assert count_parameters(am, state, frozen)[0] == 460_800 + factor * 576 * 8
-    assert factor == 3  # both variants ran; METHODS section 15: 460,800 + 23,040 = 483,840 with query terms
+    assert factor == 3  # both variants ran; docs/methods/imsm.md, Trainable parameters: 460,800 + 23,040 = 483,840
 
 
 def test_nested_config_from_yaml_and_the_jaxpeft_format_round_trip(tmp_path):

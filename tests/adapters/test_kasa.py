@@ -1,6 +1,6 @@
 """KaSA: HF PEFT 0.21.2 parity (export and import, tiny llama and bert), the regulariser against a NumPy reference in
 every mode and reduction, the SVD truncation (the model differs from the base by exactly the dropped components),
-merge, parameter counts (METHODS §15 and PEFT's), config errors.
+merge, parameter counts (docs/methods/kasa.md, Trainable parameters, and PEFT's), config errors.
 
 Random NON-ZERO adapters: init_lora_weights=False makes B random; d is N(0, 1) by default.
 """

@@ -1,8 +1,8 @@
 """LoRA / rsLoRA: trainable counts vs PEFT 0.21.2, init statistics vs PEFT's own init, scale, dropout, config checks.
 
 Counts use shape-only trees (jax.eval_shape) on full-size configs (SmolLM2-135M, GPT-2, BERT-base shapes with a
-small vocabulary) and PEFT models built on the meta device, so nothing large is allocated. METHODS.md §15 gives
-460,800 (SmolLM2 q,v) and 294,912 (BERT-base q,v; GPT-2 c_attn) for r=8.
+small vocabulary) and PEFT models built on the meta device, so nothing large is allocated. docs/methods/lora.md
+(Trainable parameters) gives 460,800 (SmolLM2 q,v) and 294,912 (BERT-base q,v; GPT-2 c_attn) for r=8.
 """
 import math
 import os

@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+from jaxpeft.bundled import dataset_path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from jaxpeft.adapters import AdaptedModel, LoraConfig
 
 pytestmark = pytest.mark.real_weights
-DATA = Path(__file__).resolve().parents[2] / "data" / "arithmetic"
+DATA = dataset_path("arithmetic")
 SEQ = 32
 
 

@@ -1,6 +1,7 @@
 """The shared SVD core and what every SVD-family method must satisfy: float32 decompositions (bf16 weights upcast),
 the randomized SVD, the model equals the base at step 0 (PiSSA, SORSA, SVFit, CorDA, SALT), merge reproduces the
-adapted forward, trainable counts equal METHODS §15, and no frozen extra but SALT's is a second copy of a base weight.
+adapted forward, trainable counts equal the worked counts of docs/methods/{pissa,corda,kasa,sorsa,svfit,salt}.md
+(Trainable parameters), and no frozen extra but SALT's is a second copy of a base weight.
 """
 import dataclasses
 import os
@@ -106,7 +107,7 @@ def _abstract_state(make, task, cfg):
     return am, state, frozen
 
 
-# METHODS §15 with r = 8 (SALT r_t = r_lora = 8) on q and v
+# docs/methods/<method>.md, Trainable parameters: r = 8 (SALT r_t = r_lora = 8) on q and v
 SECTION_15 = {
     "pissa": (PissaConfig, {}, 460_800, 294_912),
     "corda": (CordaConfig, {}, 460_800, 294_912),

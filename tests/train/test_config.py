@@ -10,7 +10,7 @@ import yaml
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 
 BASE = {"model": {"checkpoint": "some/folder"},
-        "data": {"path": "data/arithmetic", "max_length": 32, "buckets": [16, 32]}}
+        "data": {"path": "bundled:arithmetic", "max_length": 32, "buckets": [16, 32]}}
 
 
 def with_(patch: dict) -> dict:

@@ -336,3 +336,11 @@ def test_causal_lm_generates_only_when_eval_generate_is_on(llama):
     off = task_for(llama.tokenizer)
     off.cfg = off.cfg.model_copy(update={"generation": off.cfg.generation.model_copy(update={"eval_generate": False})})
     assert off.evaluate(rows, [], tools) == {"eval_loss": 0.5} and len(asked) == 1
+
+
+def test_multiple_choice_trains_on_the_answer_choice_when_the_row_has_no_response(llama):
+    task = task_for(llama.tokenizer, "multiple_choice")
+    row = {"prompt": "Pick:", "choices": ["red", "blue"], "answer_index": 1}
+    got = task.encode(row, 0)
+    assert got == task.encode({**row, "response": "blue"}, 0)
+    assert got != task.encode({**row, "response": "red"}, 0)

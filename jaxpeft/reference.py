@@ -1,0 +1,123 @@
+"""The command-line and YAML reference, generated from the CLI's parser, the run-config classes and the adapter
+methods' config classes: `python -m jaxpeft.reference > docs/reference.md` (a test fails when that file is stale).
+
+Top of the library, beside the CLI: imports jaxpeft.cli, jaxpeft.train.config and jaxpeft.adapters.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def _type(hint: Any) -> str:
+    """A type hint as short readable text, '|' escaped for a Markdown table."""
+    return _hint(hint).replace("|", "\\|")
+
+
+def _hint(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _hint(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_hint(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_hint(a) for a in args)}]"
+    if hint is type(None):
+        return "None"
+    if hint is Ellipsis:
+        return "..."
+    return getattr(hint, "__name__", str(hint))
+
+
+def _value(v: Any) -> str:
+    if v is PydanticUndefined or v is dataclasses.MISSING:
+        return "required"
+    if isinstance(v, BaseModel):
+        return "(section)"
+    return f"`{v!r}`" if not isinstance(v, str) else f"`{v}`"
+
+
+def _cell(text: str | None) -> str:
+    return " ".join((text or "").split()).replace("|", "\\|")
+
+
+def _cli(lines: list[str]) -> None:
+    from jaxpeft.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines += ["## Command line", "", f"`{parser.prog}`: {parser.description}", ""]
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for verb, p in sub.choices.items():
+        lines += [f"### `jaxpeft {verb}`", "", _cell(helps.get(verb)), "", "```", p.format_usage().strip(), "```", "",
+                  "| argument | default | meaning |", "|---|---|---|"]
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+                continue
+            name = ", ".join(a.option_strings) or a.dest
+            default = "" if a.default in (None, False, argparse.SUPPRESS) or not a.option_strings else f"`{a.default}`"
+            lines.append(f"| `{name}` | {default} | {_cell(a.help)} |")
+        lines.append("")
+
+
+def _sections(lines: list[str]) -> None:
+    from jaxpeft.train.config import RunConfig
+
+    lines += ["## Run config (YAML)", "",
+              "A run config is a YAML mapping of these sections (`jaxpeft train CONFIG.yaml`, or a dict passed to "
+              "`jaxpeft.train.run`); `--set section.key=value` overrides any key.", ""]
+    top = [(name, f) for name, f in RunConfig.model_fields.items()]
+    for name, f in top:
+        cls = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+        if cls is None:
+            lines += [f"### `{name}`", "", f"{_type(f.annotation)}, default {_value(f.default)}: "
+                      f"{_cell(f.description)}", ""]
+            continue
+        lines += [f"### `{name}:`", "", _cell(cls.__doc__), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, sf in cls.model_fields.items():
+            lines.append(f"| `{key}` | {_type(sf.annotation)} | {_value(sf.default)} | {_cell(sf.description)} |")
+        if name == "adapter":
+            lines.append("| *(method options)* | | | every field of the method's config class below |")
+        lines.append("")
+
+
+def _methods(lines: list[str]) -> None:
+    from jaxpeft.adapters import METHODS
+
+    lines += ["## `adapter:` options per method", "",
+              "The `adapter:` section takes `method:` plus any field of that method's config class; the method pages "
+              "in docs/methods/ explain each one.", ""]
+    for name in sorted(METHODS):
+        cls = METHODS[name].config_cls
+        hints = typing.get_type_hints(cls)
+        lines += [f"### `method: {name}` ({cls.__name__})", "", "| key | type | default |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name == "method":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            lines.append(f"| `{f.name}` | {_type(hints.get(f.name, f.type))} | {_value(default)} |")
+        lines.append("")
+
+
+def reference() -> str:
+    """The whole reference as Markdown."""
+    lines = ["# jaxpeft reference", "",
+             "Generated by `python -m jaxpeft.reference > docs/reference.md` from the code: do not edit by hand "
+             "(tests/test_reference.py fails when it is stale).", ""]
+    _cli(lines)
+    _sections(lines)
+    _methods(lines)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
