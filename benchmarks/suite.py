@@ -106,7 +106,12 @@ def markdown(wall_s: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny shapes and one round (numbers meaningless)")
+    ap.add_argument("--markdown-only", type=float, metavar="WALL_MIN", default=None,
+                    help="only rewrite results/suite.md from the JSON files (after rerunning one script by hand)")
     args = ap.parse_args()
+    if args.markdown_only is not None:
+        (RESULTS / "suite.md").write_text(markdown(60 * args.markdown_only))
+        return
     t0 = time.perf_counter()
     q = args.quick
     _run("bench_peak.py", *(["--n", "512", "--repeats", "1"] if q else []))
