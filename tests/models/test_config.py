@@ -46,7 +46,7 @@ def test_from_hf_reads_saved_config_json(name, tmp_path):
     cfg = ModelConfig.from_hf(_saved_config(name, tmp_path))
     for field, want in EXPECTED[name].items():
         assert getattr(cfg, field) == want, f"{name}.{field}: {getattr(cfg, field)!r} != {want!r}"
-    assert cfg.scan_layers and cfg.dtype == "float32" and cfg.remat == "none"
+    assert cfg.scan_layers and cfg.dtype == "float32" and cfg.remat == "dots_no_batch"
     hash(cfg)  # usable as a jit / lru_cache key
 
 
