@@ -314,3 +314,17 @@ def test_batcher_behind_prefetch_is_the_same_sequence():
         assert (e1, i1) == (e2, i2)
         np.testing.assert_array_equal(b1["input_ids"], b2["input_ids"])
     ahead.close()
+
+
+def test_bundled_paths_resolve_to_the_packaged_folders_and_unknown_names_list_the_bundled_ones():
+    from jaxpeft.bundled import dataset_path, names
+    from jaxpeft.train.config import DataSection
+    from jaxpeft.train.data import data_folder
+
+    assert set(names()) == {"arithmetic", "e2e_nlg", "sentiment", "twitter_ner"}
+    assert data_folder("bundled:sentiment") == str(dataset_path("sentiment"))
+    assert data_folder("some/folder") == "some/folder"
+    rows = load_split(DataSection(path="bundled:arithmetic"), "validation", 3)
+    assert len(rows) == 3 and {"prompt", "response"} <= set(rows[0])
+    with pytest.raises(DataError, match="bundled:arithmetic"):
+        data_folder("bundled:arithmetc")
