@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from bench_train_vs_peft import random_base
+from bench_train_vs_peft import random_base, train_stepper
 from common import write_json
 
 B, T, RESPONSE = 8, 128, 32
@@ -40,14 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import jax
-    import numpy as np
-    import optax
 
     from jaxpeft.adapters import (AdaptedModel, APTConfig, IMSMConfig, KasaConfig, LoraConfig,
                                   PrefixTuningConfig)
     from jaxpeft.adapters.merge import merge
-    from jaxpeft.train.loop import gathered_head_tokens, make_train_step
-    from jaxpeft.train.tasks import CausalLMTask
 
     cfg, module, frozen, batch = build(args.layers)
     targets = ("q_proj", "v_proj")
@@ -56,26 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
                "imsm": IMSMConfig(inner=lora, gate_dropout=0.0),
                "prefix": PrefixTuningConfig(num_virtual_tokens=20),
                "apt": APTConfig(num_virtual_tokens=20, prefix_dropout=0.0)}
-    k = gathered_head_tokens([{"loss_mask": row.tolist()} for row in batch["loss_mask"]])
     runners = {}
     for name, acfg in configs.items():
         model = AdaptedModel.wrap(module).add("default", acfg)
         state = model.init(jax.random.key(0), frozen)
-        tx = optax.adamw(1e-4)
-        step = make_train_step(model, CausalLMTask(None, None), tx, 1, seed=0, head_tokens=k, peak_lr=1e-4,
-                               total_steps=1000)
-        st = {"trainable": state["trainable"], "opt": tx.init(state["trainable"]), "i": 0}
-
-        def advance(n, step=step, st=st, extras=state["extras"]):
-            for _ in range(n):
-                st["trainable"], st["opt"], terms = step(st["trainable"], st["opt"], frozen, extras, batch,
-                                                         np.int32(st["i"]))
-                st["i"] += 1
-            jax.block_until_ready(terms)
-        advance(1)
-        runners[name] = advance
-        if name == "lora":  # inference: base vs LoRA merged into the weights (nonzero B so the merge is real)
-            trained = jax.tree.map(lambda x: x + 0.01, st["trainable"])
+        # (before the stepper: its steps donate the initial trainable buffers)
+        trained = jax.tree.map(lambda x: x + 0.01, state["trainable"])  # nonzero B, so a merge is real
+        runners[name] = train_stepper(model, frozen, state, batch, 1e-4)
+        if name == "lora":  # inference: base vs LoRA merged into the weights
             merged, _ = merge(model, frozen, {"trainable": trained, "extras": state["extras"]}, "default")
             fwd = jax.jit(lambda p, ids, m: module.apply({"params": p}, ids, m).logits)
             ids, m = jax.numpy.asarray(batch["input_ids"]), jax.numpy.asarray(batch["attention_mask"])

@@ -70,6 +70,32 @@ def random_base(model: str, **hf_overrides):
     return cfg, build_model(cfg, "causal_lm"), frozen
 
 
+def train_stepper(model, frozen, state, batch, lr: float):
+    """advance(n) -> last loss: n AdamW steps of jaxpeft's train step on `batch` (the head at its scored
+    positions), the trainable tree and optimizer state carried between calls; compiled and warmed up once here."""
+    import numpy as np
+    import optax
+
+    from jaxpeft.train.loop import gathered_head_tokens, make_train_step
+    from jaxpeft.train.tasks import CausalLMTask
+
+    k = gathered_head_tokens([{"loss_mask": row.tolist()} for row in batch["loss_mask"]])
+    tx = optax.adamw(lr)
+    step = make_train_step(model, CausalLMTask(None, None), tx, 1, seed=0, head_tokens=k, peak_lr=lr,
+                           total_steps=1000)
+    st = {"trainable": state["trainable"], "opt": tx.init(state["trainable"]), "i": 0}
+
+    def advance(n: int) -> float:
+        for _ in range(n):
+            st["trainable"], st["opt"], terms = step(st["trainable"], st["opt"], frozen, state["extras"], batch,
+                                                     np.int32(st["i"]))
+            st["i"] += 1
+        return float(terms["loss"])
+
+    advance(1)  # compile + warm-up
+    return advance
+
+
 def _batch(vocab: int, batch: int, seq: int, response: int | None):
     import numpy as np
 
@@ -94,11 +120,8 @@ def jax_adapter(method: str, targets: tuple[str, ...]):
 def setup_jax(args):
     import jax
     import numpy as np
-    import optax
 
     from jaxpeft.adapters import AdaptedModel
-    from jaxpeft.train.loop import gathered_head_tokens, make_train_step
-    from jaxpeft.train.tasks import CausalLMTask
 
     cfg, module, frozen = random_base(args.model)
     model = AdaptedModel.wrap(module).add("default", jax_adapter(args.method, SHAPES[args.model]["targets"]))
@@ -107,20 +130,7 @@ def setup_jax(args):
     # the loss mask marks the scored tokens (position p predicts token p + 1); all-ones = every position
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask.astype(np.float32),
              "example_weight": np.ones((args.batch,), np.float32)}
-    k = gathered_head_tokens([{"loss_mask": row.tolist()} for row in loss_mask])
-    tx = optax.adamw(LR)
-    step = make_train_step(model, CausalLMTask(None, None), tx, 1, seed=0, head_tokens=k,
-                           peak_lr=LR, total_steps=1000)
-    st = {"trainable": state["trainable"], "opt": tx.init(state["trainable"]), "i": 0}
-
-    def advance(n):
-        for _ in range(n):
-            st["trainable"], st["opt"], terms = step(st["trainable"], st["opt"], frozen, state["extras"], batch,
-                                                     np.int32(st["i"]))
-            st["i"] += 1
-        return float(terms["loss"])
-
-    advance(1)  # compile + warm-up
+    advance = train_stepper(model, frozen, state, batch, LR)
 
     def measure():
         t0 = time.perf_counter()
