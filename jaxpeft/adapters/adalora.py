@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
 from jaxpeft.adapters.method import DenseMethod, get_path, low_rank, register
@@ -50,25 +51,25 @@ class AdaloraConfig(AdapterConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "adalora")
         if not 1 <= self.target_r <= self.init_r:
-            raise ValueError(f"target_r={self.target_r}, init_r={self.init_r}: need 1 <= target_r <= init_r")
+            raise AdapterError(f"target_r={self.target_r}, init_r={self.init_r}: need 1 <= target_r <= init_r")
         for key in ("beta1", "beta2"):
             if not 0.0 < getattr(self, key) < 1.0:
-                raise ValueError(f"{key}={getattr(self, key)}: must be in (0, 1)")
+                raise AdapterError(f"{key}={getattr(self, key)}: must be in (0, 1)")
         if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight={self.orth_reg_weight}: must be >= 0")
+            raise AdapterError(f"orth_reg_weight={self.orth_reg_weight}: must be >= 0")
         if self.deltaT < 1 or self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(f"deltaT={self.deltaT}, tinit={self.tinit}, tfinal={self.tfinal}: deltaT >= 1, "
+            raise AdapterError(f"deltaT={self.deltaT}, tinit={self.tinit}, tfinal={self.tfinal}: deltaT >= 1, "
                              "tinit and tfinal >= 0")
         if self.total_step is not None:
             check_schedule(self, self.total_step)
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+            raise AdapterError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
 
 
 def check_schedule(cfg: AdaloraConfig, total: int) -> None:
     """ValueError unless the schedule of `total` steps has a budgeting phase: total > 0 and tinit < total - tfinal."""
     if total <= 0 or cfg.tinit >= total - cfg.tfinal:
-        raise ValueError(f"AdaLoRA schedule: tinit={cfg.tinit} must be < total_step - tfinal = {total} - "
+        raise AdapterError(f"AdaLoRA schedule: tinit={cfg.tinit} must be < total_step - tfinal = {total} - "
                          f"{cfg.tfinal} (no budgeting phase otherwise): lower tinit/tfinal or train longer")
 
 

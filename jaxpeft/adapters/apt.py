@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.method import register
 from jaxpeft.adapters.ptuning_v2 import PTuningV2, PTuningV2Config
 from jaxpeft.models.attention import Prefix
@@ -46,13 +47,13 @@ class APTConfig(PTuningV2Config):
         super().__post_init__()
         object.__setattr__(self, "method", "apt")
         if self.pool not in POOLS:
-            raise ValueError(f"pool={self.pool!r}: supported {POOLS}")
+            raise AdapterError(f"pool={self.pool!r}: supported {POOLS}")
         if self.gate_init not in ("zeros", "normal"):
-            raise ValueError(f"gate_init={self.gate_init!r}: 'zeros' or 'normal'")
+            raise AdapterError(f"gate_init={self.gate_init!r}: 'zeros' or 'normal'")
         if self.gate_on not in ("kv", "v"):
-            raise ValueError(f"gate_on={self.gate_on!r}: 'kv' or 'v'")
+            raise AdapterError(f"gate_on={self.gate_on!r}: 'kv' or 'v'")
         if not self.gate_init_std > 0:
-            raise ValueError(f"gate_init_std={self.gate_init_std}: must be > 0")
+            raise AdapterError(f"gate_init_std={self.gate_init_std}: must be > 0")
 
 
 def pool_hidden(x_btd: jax.Array, pool_mask_bt: jax.Array, how: str) -> jax.Array:

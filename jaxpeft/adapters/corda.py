@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import register
 from jaxpeft.adapters.pissa import ResidualLoRA, sqrt_split
@@ -32,15 +33,15 @@ class CordaConfig(LoraConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "corda")
         if self.corda_method not in ("ipm", "kpm"):
-            raise ValueError(f"corda_method={self.corda_method!r}: supported 'ipm', 'kpm'")
+            raise AdapterError(f"corda_method={self.corda_method!r}: supported 'ipm', 'kpm'")
         if self.calibration_samples < 1:
-            raise ValueError(f"calibration_samples={self.calibration_samples}: must be >= 1")
+            raise AdapterError(f"calibration_samples={self.calibration_samples}: must be >= 1")
 
 
 def input_covariance(x: jax.Array) -> jax.Array:
     """X^T X of one forward's inputs x (1, T, n_in) after X / |max(X)| (PEFT's per-forward normalisation), float32."""
     if x.ndim != 3 or x.shape[0] != 1:
-        raise ValueError(f"CorDA calibration takes one unpadded example per forward (inputs (1, T, n_in)), got "
+        raise AdapterError(f"CorDA calibration takes one unpadded example per forward (inputs (1, T, n_in)), got "
                          f"{x.shape}: feed examples one at a time")
     xs = x[0].astype(jnp.float32)
     xs = xs / jnp.abs(jnp.max(xs))
@@ -84,7 +85,7 @@ class Corda(ResidualLoRA):
 
     def factors(self, cfg, options, kernel, rng, scale, calibration=None):
         if calibration is None or "covariance" not in calibration:
-            raise ValueError("CorDA needs calibration statistics: stats = model.calibrate(frozen, examples, name), "
+            raise AdapterError("CorDA needs calibration statistics: stats = model.calibrate(frozen, examples, name), "
                              "then model.init(rng, frozen, calibration={name: stats}) (`jaxpeft train` does both)")
         r = options.get("r", cfg.r)
         check_rank("CorDA", r, kernel)

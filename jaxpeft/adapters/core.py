@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import merge_paths, method_for
 from jaxpeft.adapters.targeting import (DenseModule, HookSite, ModuleTarget, dense_modules, find_hook_sites,
@@ -131,28 +132,28 @@ class AdaptedModel:
     def add(self, name: str, config: AdapterConfig, *, strict: bool = True) -> AdaptedModel:
         """A copy with adapter `name` added. strict=False: list entries matching nothing are allowed (PEFT import)."""
         if name in self.names:
-            raise ValueError(f"an adapter named {name!r} exists already; delete it first or pick another name")
+            raise AdapterError(f"an adapter named {name!r} exists already; delete it first or pick another name")
         if not name or any(c in name for c in "/:"):
-            raise ValueError(f"adapter name {name!r}: must be non-empty without '/' or ':'")
+            raise AdapterError(f"adapter name {name!r}: must be non-empty without '/' or ':'")
         method = method_for(config)
         if method.kind == "wrapper":  # the inner method's interceptions, under this adapter's name
             inner = self.add(name, config.inner, strict=strict).spec(name)
             if self.model_cfg is None or not self.model_cfg.is_decoder:
-                raise ValueError(f"adapter {name!r} ({config.method}): it mixes the final hidden states of a decoder "
+                raise AdapterError(f"adapter {name!r} ({config.method}): it mixes the final hidden states of a decoder "
                                  "language model; this model is not a jaxpeft decoder backbone")
             return dataclasses.replace(self, adapters=self.adapters + (dataclasses.replace(inner, wrapper=config),))
         if config.method == "full":  # no interception: whole modules are trained (see init)
             return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, ()),))
         if method.kind == "prefix":
             if config.target_modules is not None:
-                raise ValueError(f"adapter {name!r} ({config.method}): prefix methods attach to every attention "
+                raise AdapterError(f"adapter {name!r} ({config.method}): prefix methods attach to every attention "
                                  "layer's prefix hook; use layers_to_transform to choose layers, not target_modules")
             hooks = select_hook_sites(self.hook_sites(), config.layers_to_transform)
             return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, (), hooks),))
         targets = config.target_modules
         if targets is None:
             if self.model_cfg is None:
-                raise ValueError(f"adapter {name!r}: this is not a jaxpeft backbone, so there are no default "
+                raise AdapterError(f"adapter {name!r}: this is not a jaxpeft backbone, so there are no default "
                                  "targets; set target_modules (module paths such as 'blocks.mlp.fc1')")
             targets = method.default_targets(self.model_cfg.arch)
 
@@ -166,7 +167,7 @@ class AdaptedModel:
         for t in resolved:
             ranks = {dict(o).get("r", getattr(config, "r", None)) for o in t.layer_options}
             if len(ranks) > 1:
-                raise ValueError(f"rank_pattern gives {t.hf_module} different ranks per layer ({sorted(ranks)}); "
+                raise AdapterError(f"rank_pattern gives {t.hf_module} different ranks per layer ({sorted(ranks)}); "
                                  "per-layer ranks of one stacked module are not supported: use one rank per module")
         return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, resolved),))
 
@@ -191,13 +192,13 @@ class AdaptedModel:
         """
         specs = [s for s in self.adapters if names is None or s.name in names]
         if not specs:
-            raise ValueError("no adapter to initialise: add one with AdaptedModel.add(name, config)")
+            raise AdapterError("no adapter to initialise: add one with AdaptedModel.add(name, config)")
         site_specs = [s for s in specs if s.sites]
         cols = [c for s in site_specs for c in (trainable_collection(s.name), extras_collection(s.name))]
         calib = {calibration_collection(n): v for n, v in (calibration or {}).items()}
         for s in site_specs:
             if method_for(s.config).needs_calibration and calibration_collection(s.name) not in calib:
-                raise ValueError(f"adapter {s.name!r} ({s.config.method}) needs calibration statistics: "
+                raise AdapterError(f"adapter {s.name!r} ({s.config.method}) needs calibration statistics: "
                                  f"stats = model.calibrate(frozen, examples, {s.name!r}), then "
                                  f"model.init(rng, frozen, calibration={{{s.name!r}: stats}})")
 
@@ -230,7 +231,7 @@ class AdaptedModel:
             modules = s.config.modules_to_save or (tuple(frozen) if s.config.method == "full" else ())
             for mod in modules:
                 if mod not in frozen:
-                    raise ValueError(f"modules_to_save entry {mod!r} is not a top-level module of this model "
+                    raise AdapterError(f"modules_to_save entry {mod!r} is not a top-level module of this model "
                                      f"(have {sorted(frozen)})")
                 saved[mod] = jax.tree.map(jnp.array, frozen[mod])  # a trainable copy; the base stays as is
             state["trainable"][s.name] = {"modules": _plain(variables.get(trainable_collection(s.name), {})),
@@ -248,9 +249,9 @@ class AdaptedModel:
         spec = self.spec(name)
         method = method_for(spec.config)
         if not method.needs_calibration:
-            raise ValueError(f"adapter {name!r} ({spec.config.method}) takes no calibration statistics")
+            raise AdapterError(f"adapter {name!r} ({spec.config.method}) takes no calibration statistics")
         if not examples:
-            raise ValueError(f"calibrate: no examples for adapter {name!r}; pass at least one token sequence")
+            raise AdapterError(f"calibrate: no examples for adapter {name!r}; pass at least one token sequence")
         col = calibration_collection(name)
 
         def run(frozen, ids):
@@ -265,7 +266,7 @@ class AdaptedModel:
         for ex in examples:
             ids = jnp.asarray(ex, jnp.int32)
             if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
-                raise ValueError(f"calibrate: an example of shape {ids.shape}; calibration takes one unpadded example "
+                raise AdapterError(f"calibrate: an example of shape {ids.shape}; calibration takes one unpadded example "
                                  "per forward (a token sequence or a (1, T) array), as PEFT does")
             ids = ids.reshape(1, -1)
             stats = _INIT_CACHE[key](frozen, ids)
@@ -314,7 +315,7 @@ class AdaptedModel:
             return self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, method, capture,
                                      kwargs)
         if method not in (None, "__call__") or self.model_cfg is None or not self.model_cfg.is_decoder:
-            raise ValueError("head_positions_bk: a gathered head needs a jaxpeft decoder backbone run whole")
+            raise AdapterError("head_positions_bk: a gathered head needs a jaxpeft decoder backbone run whole")
         out = self._apply_plain(frozen, state, names, args, adapter_index, deterministic, rngs, "hidden_states",
                                 capture, kwargs)
         (h, cache), probes = out if capture else (out, None)
@@ -343,7 +344,7 @@ class AdaptedModel:
         saved = [state["trainable"][n].get("saved") or {} for n in names] if names else []
         if any(saved):
             if adapter_index is not None or len(names) > 1:
-                raise ValueError("modules_to_save cannot be combined with several active adapters or a "
+                raise AdapterError("modules_to_save cannot be combined with several active adapters or a "
                                  "per-example adapter_index")
             params.update(saved[0])
         variables: dict[str, Any] = {"params": params}
@@ -357,7 +358,7 @@ class AdaptedModel:
         offset = self.position_offsets(names, adapter_index, args[0].shape[0] if args else None)
         if offset is not None and "cache" not in kwargs and "positions_bt" not in kwargs:
             if not _accepts(self.module, method, "position_offset_b"):
-                raise ValueError("this model takes no position_offset_b input, so it cannot shift positions for a "
+                raise AdapterError("this model takes no position_offset_b input, so it cannot shift positions for a "
                                  "prefix: set position_offset=0 in the prefix adapter's config")
             kw["position_offset_b"] = offset
         mutable = ["probes"] if capture else False
@@ -374,10 +375,10 @@ class AdaptedModel:
         from jaxpeft.adapters.imsm import GATE_KEY, IMSMCache, gate_dropout, gate_values, mix, query_mean
 
         if len(names) != 1 or adapter_index is not None:
-            raise ValueError(f"adapter {spec.name!r} ({spec.wrapper.method}) runs alone: activate only it, without "
+            raise AdapterError(f"adapter {spec.name!r} ({spec.wrapper.method}) runs alone: activate only it, without "
                              "a per-example adapter_index")
         if method not in (None, "__call__"):
-            raise ValueError(f"adapter {spec.name!r} ({spec.wrapper.method}) runs the whole model (method=None)")
+            raise AdapterError(f"adapter {spec.name!r} ({spec.wrapper.method}) runs the whole model (method=None)")
         cfg = spec.wrapper
         kwargs = dict(kwargs)
         cache = kwargs.pop("cache", None)
@@ -421,7 +422,7 @@ class AdaptedModel:
         """(h_base (B, T, D) without gradient, h_tuned, base cache, tuned cache, probes) in either form."""
         if form == "separate":
             if cache is not None and cache.base is None:
-                raise ValueError("this decode state holds one doubled cache: decode with siamese_form='doubled'")
+                raise AdapterError("this decode state holds one doubled cache: decode with siamese_form='doubled'")
             kw_b = kwargs if cache is None else dict(kwargs, cache=cache.base)
             kw_t = kwargs if cache is None else dict(kwargs, cache=cache.tuned)
             h_base, c_base = self._apply_plain(frozen, None, (), args, None, True, None, "hidden_states", False, kw_b)
@@ -430,12 +431,12 @@ class AdaptedModel:
             (h_tuned, c_tuned), probes = out if capture else (out, None)
             return jax.lax.stop_gradient(h_base), h_tuned, c_base, c_tuned, probes
         if form != "doubled":
-            raise ValueError(f"siamese_form={form!r}: 'separate' or 'doubled'")
+            raise AdapterError(f"siamese_form={form!r}: 'separate' or 'doubled'")
         if not deterministic:
-            raise ValueError("siamese_form='doubled' runs both streams in one batch, so dropout would reach the base "
+            raise AdapterError("siamese_form='doubled' runs both streams in one batch, so dropout would reach the base "
                              "stream: use it with deterministic=True (decoding), 'separate' for training")
         if cache is not None and cache.base is not None:
-            raise ValueError("this decode state holds two caches: decode with siamese_form='separate'")
+            raise AdapterError("this decode state holds two caches: decode with siamese_form='separate'")
         b = args[0].shape[0]
 
         def twice(x):
@@ -465,7 +466,7 @@ class AdaptedModel:
                 row = jnp.where(adapter_index == k, off, 0).astype(jnp.int32)
             else:
                 if batch is None:
-                    raise ValueError("position offsets need the batch size: pass the input ids positionally")
+                    raise AdapterError("position offsets need the batch size: pass the input ids positionally")
                 row = jnp.full((batch,), off, jnp.int32)
             total = row if total is None else total + row
         return total
@@ -476,7 +477,7 @@ class AdaptedModel:
         the tokens (written once at prefill) and each row's first position shifted by its position offset."""
         cfg = self.model_cfg
         if cfg is None:
-            raise ValueError("init_cache needs a jaxpeft decoder backbone (AdaptedModel.wrap)")
+            raise AdapterError("init_cache needs a jaxpeft decoder backbone (AdaptedModel.wrap)")
         from jaxpeft.models.layers import jnp_dtype
 
         names = self._active(state, active)

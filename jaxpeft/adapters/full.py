@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import DenseMethod, register
 
@@ -18,7 +19,7 @@ class FullConfig(AdapterConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "full")
         if self.target_modules is not None or self.layers_to_transform is not None:
-            raise ValueError("method 'full' trains whole modules: use modules_to_save, not target_modules or "
+            raise AdapterError("method 'full' trains whole modules: use modules_to_save, not target_modules or "
                              "layers_to_transform")
 
 

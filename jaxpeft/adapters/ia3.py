@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import DenseMethod, register
 from jaxpeft.adapters.targeting import matches
@@ -56,14 +57,14 @@ class IA3Config(AdapterConfig):
             try:
                 re.compile(ff)
             except re.error as e:
-                raise ValueError(f"feedforward_modules={ff!r} is not a valid regex: {e}") from None
+                raise AdapterError(f"feedforward_modules={ff!r} is not a valid regex: {e}") from None
         if isinstance(ff, tuple) and isinstance(self.target_modules, tuple):
             extra = sorted(set(ff) - set(self.target_modules))
             if extra:
-                raise ValueError(f"feedforward_modules {extra} are not in target_modules={list(self.target_modules)}: "
+                raise AdapterError(f"feedforward_modules {extra} are not in target_modules={list(self.target_modules)}: "
                                  "feedforward_modules must be a subset of target_modules")
         if not isinstance(self.init_ia3_weights, bool):
-            raise ValueError(f"init_ia3_weights={self.init_ia3_weights!r}: must be True or False")
+            raise AdapterError(f"init_ia3_weights={self.init_ia3_weights!r}: must be True or False")
 
 
 def is_feedforward(spec: tuple[str, ...] | str, hf_name: str) -> bool:
@@ -93,11 +94,11 @@ class IA3(DenseMethod):
         if cfg.feedforward_modules is not None:
             return {"feedforward": is_feedforward(cfg.feedforward_modules, hf_name)}
         if arch is None:
-            raise ValueError("IA3Config.feedforward_modules=None: this model is not a jaxpeft backbone, so there is "
+            raise AdapterError("IA3Config.feedforward_modules=None: this model is not a jaxpeft backbone, so there is "
                              "no default; set feedforward_modules (a subset of target_modules, possibly empty)")
         if arch is not _UNSET:
             if arch not in DEFAULT_FEEDFORWARD:
-                raise ValueError(f"IA3Config.feedforward_modules=None: no PEFT default for arch {arch!r}; set it")
+                raise AdapterError(f"IA3Config.feedforward_modules=None: no PEFT default for arch {arch!r}; set it")
             return {"feedforward": is_feedforward(DEFAULT_FEEDFORWARD[arch], hf_name)}
         # Called without the architecture: the default feed-forward names of the supported architectures never
         # name another architecture's module (down_proj, mlp.c_proj, output.dense), so the union of the defaults

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import METHODS, Method, register
 
@@ -53,24 +54,24 @@ class IMSMConfig(AdapterConfig):
             inner = dict(inner)
             name = inner.pop("method", None)
             if name is None or name not in METHODS:
-                raise ValueError(f"inner: a mapping with 'method' (one of {sorted(METHODS)}) is needed, got {name!r}")
+                raise AdapterError(f"inner: a mapping with 'method' (one of {sorted(METHODS)}) is needed, got {name!r}")
             inner = METHODS[name].config_cls(**inner)
             object.__setattr__(self, "inner", inner)
         if not isinstance(inner, AdapterConfig):
-            raise ValueError("inner: the wrapped method's config is needed (e.g. inner: {method: lora, r: 8})")
+            raise AdapterError("inner: the wrapped method's config is needed (e.g. inner: {method: lora, r: 8})")
         if inner.method in ("imsm", "full"):
-            raise ValueError(f"inner: IMSM cannot wrap {inner.method!r}; wrap a PEFT method (lora, kasa, apt, ...)")
+            raise AdapterError(f"inner: IMSM cannot wrap {inner.method!r}; wrap a PEFT method (lora, kasa, apt, ...)")
         for f in fields(AdapterConfig):
             if f.init and getattr(self, f.name) != f.default:
-                raise ValueError(f"{f.name}: set it on the inner method (inner: {{{f.name}: ...}}), not on IMSM")
+                raise AdapterError(f"{f.name}: set it on the inner method (inner: {{{f.name}: ...}}), not on IMSM")
         if self.gate_rank < 1:
-            raise ValueError(f"gate_rank={self.gate_rank}: must be >= 1")
+            raise AdapterError(f"gate_rank={self.gate_rank}: must be >= 1")
         if not 0.0 <= self.gate_dropout < 1.0:
-            raise ValueError(f"gate_dropout={self.gate_dropout}: must be in [0, 1)")
+            raise AdapterError(f"gate_dropout={self.gate_dropout}: must be in [0, 1)")
         if not 0.0 <= self.fixed_gate <= 1.0:
-            raise ValueError(f"fixed_gate={self.fixed_gate}: must be in [0, 1]")
+            raise AdapterError(f"fixed_gate={self.fixed_gate}: must be in [0, 1]")
         if self.gate_lr is not None and self.gate_lr <= 0:
-            raise ValueError(f"gate_lr={self.gate_lr}: must be > 0 (or null: the run's optim.lr)")
+            raise AdapterError(f"gate_lr={self.gate_lr}: must be > 0 (or null: the run's optim.lr)")
 
 
 def init_gate(cfg: IMSMConfig, d: int, rng: jax.Array) -> dict[str, jax.Array]:
@@ -143,7 +144,7 @@ def gate_dropout(cfg: IMSMConfig, deterministic: bool, rng: jax.Array | None):
     if deterministic or not cfg.gate_dropout:
         return lambda z: z
     if rng is None:
-        raise ValueError("IMSM gate dropout needs rngs={'dropout': key} when deterministic=False")
+        raise AdapterError("IMSM gate dropout needs rngs={'dropout': key} when deterministic=False")
     calls = [0]
 
     def drop(z):

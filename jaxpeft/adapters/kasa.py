@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.lora import Lora, LoraConfig
 from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.svd import orthogonality_gap, svd_f32
@@ -53,19 +54,19 @@ class KasaConfig(LoraConfig):
         object.__setattr__(self, "method", "kasa")
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"preset={self.preset!r}: supported {sorted(PRESETS)} (or null)")
+                raise AdapterError(f"preset={self.preset!r}: supported {sorted(PRESETS)} (or null)")
             defaults = PRESETS["kasa_hf"]
             for key, value in PRESETS[self.preset].items():
                 given = getattr(self, key)
                 if given != defaults[key] and given != value:
-                    raise ValueError(f"preset={self.preset!r} sets {key}={value!r} but the config also sets "
+                    raise AdapterError(f"preset={self.preset!r} sets {key}={value!r} but the config also sets "
                                      f"{key}={given!r}: drop one of them")
                 object.__setattr__(self, key, value)
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: supported {allowed}")
+                raise AdapterError(f"{key}={getattr(self, key)!r}: supported {allowed}")
         if self.beta < 0 or self.gamma < 0:
-            raise ValueError(f"beta={self.beta}, gamma={self.gamma}: the regulariser weights must be >= 0")
+            raise AdapterError(f"beta={self.beta}, gamma={self.gamma}: the regulariser weights must be >= 0")
 
 
 def kept_rank(cfg: KasaConfig, r: int, n_in: int, n_out: int) -> int:
@@ -73,11 +74,11 @@ def kept_rank(cfg: KasaConfig, r: int, n_in: int, n_out: int) -> int:
     k = min(n_in, n_out)
     if cfg.truncation == "hf":
         if r >= k:
-            raise ValueError(f"KaSA (truncation 'hf') needs r < min(n_in, n_out): r={r} on a {n_in}x{n_out} weight; "
+            raise AdapterError(f"KaSA (truncation 'hf') needs r < min(n_in, n_out): r={r} on a {n_in}x{n_out} weight; "
                              "lower r or exclude this module")
         return k - r
     if r >= n_in:
-        raise ValueError(f"KaSA (truncation 'official') needs r < n_in: r={r} on a {n_in}x{n_out} weight")
+        raise AdapterError(f"KaSA (truncation 'official') needs r < n_in: r={r} on a {n_in}x{n_out} weight")
     return min(k, n_in - r)
 
 

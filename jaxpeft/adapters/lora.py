@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import DenseMethod, low_rank, register
 
@@ -44,11 +45,11 @@ class LoraConfig(AdapterConfig):
 
 def _check_lora(cfg: Any) -> None:
     if cfg.r < 1:
-        raise ValueError(f"r={cfg.r}: the LoRA rank must be >= 1")
+        raise AdapterError(f"r={cfg.r}: the LoRA rank must be >= 1")
     if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
+        raise AdapterError(f"lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
     if cfg.init_lora_weights not in INIT_CHOICES:
-        raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r}: supported {INIT_CHOICES}")
+        raise AdapterError(f"init_lora_weights={cfg.init_lora_weights!r}: supported {INIT_CHOICES}")
 
 
 def lora_scale(cfg: Any, options: dict[str, Any]) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
 from jaxpeft.adapters.method import get_path, method_for
 
@@ -26,10 +27,10 @@ def merge(model: AdaptedModel, frozen: Mapping[str, Any], state: AdapterState, n
     spec = model.spec(name)
     method = method_for(spec.config)
     if spec.wrapper is not None:
-        raise ValueError(f"adapter {name!r} ({spec.wrapper.method}) cannot be merged: its gate mixes the base and the "
+        raise AdapterError(f"adapter {name!r} ({spec.wrapper.method}) cannot be merged: its gate mixes the base and the "
                          "adapted model's hidden states per token, which no single set of weights reproduces")
     if method.kind != "dense":
-        raise ValueError(f"adapter {name!r} ({spec.config.method}) cannot be merged: a {method.kind} method adds "
+        raise AdapterError(f"adapter {name!r} ({spec.config.method}) cannot be merged: a {method.kind} method adds "
                          "key/value entries to attention, not a change of any weight; run it unmerged (its cost is "
                          "l extra keys per layer), or use a dense method such as LoRA when you need merged weights")
     dense = state["trainable"][name]["modules"]

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.models.attention import Prefix
 
@@ -246,5 +247,5 @@ def register(method: Method) -> Method:
 def method_for(cfg: AdapterConfig) -> Any:
     """The registered Method for `cfg.method` (ValueError listing the registered names when there is none)."""
     if cfg.method not in METHODS:
-        raise ValueError(f"unknown adapter method {cfg.method!r}; registered: {sorted(METHODS)}")
+        raise AdapterError(f"unknown adapter method {cfg.method!r}; registered: {sorted(METHODS)}")
     return METHODS[cfg.method]

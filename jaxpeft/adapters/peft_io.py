@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft.errors import UnsupportedError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
 from jaxpeft.loading.fileperm import publish_file
@@ -104,7 +105,7 @@ def _prefix_sites(model: AdaptedModel, state: AdapterState, name: str):
     method = method_for(spec.config)
     _, tr, _ = method.fold(spec.config, spec.hooks, state["trainable"][name], state["extras"][name])
     if len(spec.hooks) != 1 or not spec.hooks[0].layered:
-        raise NotImplementedError("PEFT prefix export needs one scan-stacked attention stack")
+        raise UnsupportedError("PEFT prefix export needs one scan-stacked attention stack")
     return spec.hooks[0], tr["modules"]
 
 
@@ -123,7 +124,7 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
     spec = model.spec(name)
     reason = peft_unsupported_reason(model, name)
     if reason is not None:
-        raise NotImplementedError(f"adapter {name!r} cannot be written in PEFT format: {reason}; save it with "
+        raise UnsupportedError(f"adapter {name!r} cannot be written in PEFT format: {reason}; save it with "
                                   "jaxpeft.adapters.native_io.save_adapter (the jaxpeft format) instead")
     if spec.config.method == "prefix":
         out = _prefix_tensors(model, state, name)
@@ -142,7 +143,7 @@ def adapter_tensors(model: AdaptedModel, state: AdapterState, name: str) -> dict
     if hasattr(method, "lora_equivalent"):
         dense, keys = _lora_equivalent_tree(model, state, name), _FILE_KEYS["lora"]
     if keys is None:
-        raise NotImplementedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
+        raise UnsupportedError(f"PEFT export of method {spec.config.method!r} is not supported yet")
     out = {}
     for t in spec.targets:
         node = get_path(dense, t.flax_module)
@@ -228,7 +229,7 @@ def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: st
             model.model_cfg.arch)
         return {**common, "peft_type": "IA3", "feedforward_modules": ff if isinstance(ff, str) else sorted(ff),
                 "init_ia3_weights": cfg.init_ia3_weights}
-    raise NotImplementedError(f"PEFT export of method {cfg.method!r} is not supported yet")
+    raise UnsupportedError(f"PEFT export of method {cfg.method!r} is not supported yet")
 
 
 def export_peft(model: AdaptedModel, state: AdapterState, name: str, out_dir: str | os.PathLike,
@@ -258,13 +259,13 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
     common = dict(target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
                   layers_to_transform=d.get("layers_to_transform"), modules_to_save=tuple(d.get("modules_to_save") or ()))
     if d.get("layers_pattern"):
-        raise NotImplementedError(f"layers_pattern={d['layers_pattern']!r} is not supported; layers are indexed "
+        raise UnsupportedError(f"layers_pattern={d['layers_pattern']!r} is not supported; layers are indexed "
                                   "by the architecture's name map")
     if peft_type == "LORA":
         for key, default in (("lora_bias", False), ("bias", "none"), ("corda_config", None),
                              ("eva_config", None), ("loftq_config", {}), ("use_qalora", False)):
             if d.get(key, default) not in (default, None, {}, False, "none"):
-                raise NotImplementedError(f"adapter_config.json {key}={d[key]!r} is not supported yet")
+                raise UnsupportedError(f"adapter_config.json {key}={d[key]!r} is not supported yet")
         init = d.get("init_lora_weights", True)
         init = init if init in (True, False, "gaussian") else True  # the saved weights overwrite the init anyway
         kw = dict(common, r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
@@ -274,7 +275,7 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
             from jaxpeft.adapters.kasa import KasaConfig
 
             if d.get("use_dora"):
-                raise NotImplementedError("adapter_config.json sets both kasa_config and use_dora: not a PEFT combination")
+                raise UnsupportedError("adapter_config.json sets both kasa_config and use_dora: not a PEFT combination")
             kasa = d["kasa_config"]
             return KasaConfig(**kw, beta=kasa.get("beta", 1e-4), gamma=kasa.get("gamma", 1e-3), preset="kasa_hf")
         if d.get("use_dora"):
@@ -300,11 +301,11 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         from jaxpeft.adapters.prefix import PrefixTuningConfig
 
         if d.get("num_transformer_submodules", 1) != 1:
-            raise NotImplementedError("num_transformer_submodules != 1 (encoder-decoder prefixes) is not supported")
+            raise UnsupportedError("num_transformer_submodules != 1 (encoder-decoder prefixes) is not supported")
         # the file holds the materialised prefix even when PEFT trained it with prefix_projection
         return PrefixTuningConfig(num_virtual_tokens=int(d.get("num_virtual_tokens", 20)), prefix_projection=False,
                                   modules_to_save=tuple(d.get("modules_to_save") or ()))
-    raise NotImplementedError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, IA3, PREFIX_TUNING)")
+    raise UnsupportedError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, IA3, PREFIX_TUNING)")
 
 
 def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.PathLike, name: str = "default",

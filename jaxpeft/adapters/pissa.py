@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.lora import Lora, LoraConfig
 from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.svd import check_rank, randomized_svd_f32, svd_f32
@@ -31,7 +32,7 @@ class PissaConfig(LoraConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "pissa")
         if self.niter is not None and self.niter < 0:
-            raise ValueError(f"niter={self.niter}: the number of subspace iterations must be >= 0 (or null: exact)")
+            raise AdapterError(f"niter={self.niter}: the number of subspace iterations must be >= 0 (or null: exact)")
 
 
 class ResidualLoRA(Lora):

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.method import PrefixMethod, merge_paths, register
 from jaxpeft.models.attention import Prefix
@@ -57,28 +58,28 @@ class PrefixTuningConfig(AdapterConfig):
 def check_prefix_config(cfg: Any) -> None:
     """Field checks shared by the prefix family (messages start with the field, for config errors)."""
     if cfg.num_virtual_tokens < 1:
-        raise ValueError(f"num_virtual_tokens={cfg.num_virtual_tokens}: must be >= 1")
+        raise AdapterError(f"num_virtual_tokens={cfg.num_virtual_tokens}: must be >= 1")
     if cfg.init_weights not in INITS:
-        raise ValueError(f"init_weights={cfg.init_weights!r}: supported {INITS}")
+        raise AdapterError(f"init_weights={cfg.init_weights!r}: supported {INITS}")
     if not cfg.init_std > 0:
-        raise ValueError(f"init_std={cfg.init_std}: must be > 0")
+        raise AdapterError(f"init_std={cfg.init_std}: must be > 0")
     if not 0.0 <= cfg.prefix_dropout < 1.0:
-        raise ValueError(f"prefix_dropout={cfg.prefix_dropout}: must be in [0, 1)")
+        raise AdapterError(f"prefix_dropout={cfg.prefix_dropout}: must be in [0, 1)")
     if cfg.position_offset not in ("l", 0):
-        raise ValueError(f"position_offset={cfg.position_offset!r}: 'l' (shift positions by the prefix length, as "
+        raise AdapterError(f"position_offset={cfg.position_offset!r}: 'l' (shift positions by the prefix length, as "
                          "PEFT) or 0")
     for key in ("token_dim", "encoder_hidden_size"):
         v = getattr(cfg, key)
         if v is not None and v < 1:
-            raise ValueError(f"{key}={v}: must be >= 1")
+            raise AdapterError(f"{key}={v}: must be >= 1")
     if cfg.modules_to_save and not isinstance(cfg.modules_to_save, tuple):
-        raise ValueError("modules_to_save: expected a list of module names")
+        raise AdapterError("modules_to_save: expected a list of module names")
 
 
 def _kv_dim(sites: tuple[Any, ...]) -> int:
     dims = {s.num_kv_heads * s.head_dim for s in sites}
     if len(dims) != 1:
-        raise ValueError(f"prefix_projection needs every attention layer to have the same key width; got {sorted(dims)}")
+        raise AdapterError(f"prefix_projection needs every attention layer to have the same key width; got {sorted(dims)}")
     return dims.pop()
 
 

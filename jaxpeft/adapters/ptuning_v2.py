@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.method import register
 from jaxpeft.adapters.prefix import PrefixTuning, PrefixTuningConfig
 
@@ -47,9 +48,9 @@ def check_lengths(cfg) -> None:
     if cfg.prefix_lengths is not None:
         if not cfg.prefix_lengths or any(not isinstance(n, int) or n < 0 for n in cfg.prefix_lengths) \
                 or max(cfg.prefix_lengths) < 1:
-            raise ValueError(f"prefix_lengths={list(cfg.prefix_lengths)}: one length >= 0 per layer, at least one > 0")
+            raise AdapterError(f"prefix_lengths={list(cfg.prefix_lengths)}: one length >= 0 per layer, at least one > 0")
         if cfg.prefix_projection:
-            raise ValueError("prefix_lengths with prefix_projection: per-layer lengths apply to plain prefixes only")
+            raise AdapterError("prefix_lengths with prefix_projection: per-layer lengths apply to plain prefixes only")
 
 
 class PTuningV2(PrefixTuning):
@@ -69,7 +70,7 @@ class PTuningV2(PrefixTuning):
         if cfg.prefix_lengths is None:
             return (cfg.num_virtual_tokens,) * n
         if len(cfg.prefix_lengths) != n:
-            raise ValueError(f"prefix_lengths has {len(cfg.prefix_lengths)} entries but the model has {n} layers: "
+            raise AdapterError(f"prefix_lengths has {len(cfg.prefix_lengths)} entries but the model has {n} layers: "
                              "give one length per layer")
         return tuple(cfg.prefix_lengths)
 

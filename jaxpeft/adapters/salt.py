@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
 from jaxpeft.adapters.method import DenseMethod, mm, register
@@ -37,18 +38,18 @@ class SaltConfig(AdapterConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "salt")
         if self.r < 1 or self.r_top < 1:
-            raise ValueError(f"r={self.r}, r_top={self.r_top}: both must be >= 1")
+            raise AdapterError(f"r={self.r}, r_top={self.r_top}: both must be >= 1")
         if self.top_ratio is not None and not 0.0 < self.top_ratio < 1.0:
-            raise ValueError(f"top_ratio={self.top_ratio}: must be in (0, 1) (or null to use r_top)")
+            raise AdapterError(f"top_ratio={self.top_ratio}: must be in (0, 1) (or null to use r_top)")
         if self.reg_multiplier < 0:
-            raise ValueError(f"reg_multiplier={self.reg_multiplier}: must be >= 0")
+            raise AdapterError(f"reg_multiplier={self.reg_multiplier}: must be >= 0")
 
 
 def top_rank(cfg: SaltConfig, k: int) -> int:
     """r_t for a weight with k = min(n_in, n_out) singular values."""
     r_t = max(1, math.floor(cfg.top_ratio * k)) if cfg.top_ratio is not None else cfg.r_top
     if r_t >= k:
-        raise ValueError(f"SALT needs r_top < min(n_in, n_out): r_top={r_t} with k={k}; lower r_top or top_ratio")
+        raise AdapterError(f"SALT needs r_top < min(n_in, n_out): r_top={r_t} with k={k}; lower r_top or top_ratio")
     return r_t
 
 

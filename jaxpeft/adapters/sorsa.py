@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.lora import LoraConfig
 from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.pissa import ResidualLoRA
@@ -31,7 +32,7 @@ class SorsaConfig(LoraConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "sorsa")
         if self.gamma < 0:
-            raise ValueError(f"gamma={self.gamma}: must be >= 0")
+            raise AdapterError(f"gamma={self.gamma}: must be >= 0")
 
 
 class Sorsa(ResidualLoRA):

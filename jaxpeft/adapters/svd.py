@@ -10,12 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
+
 
 def check_rank(method: str, r: int, kernel: jax.Array) -> None:
     """A clear error when a method takes r singular directions of a weight that has fewer than r."""
     n_in, n_out = kernel.shape
     if r > min(n_in, n_out):
-        raise ValueError(f"{method} needs r <= min(n_in, n_out): r={r} on a {n_in}x{n_out} weight")
+        raise AdapterError(f"{method} needs r <= min(n_in, n_out): r={r} on a {n_in}x{n_out} weight")
 
 
 def svd_f32(kernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

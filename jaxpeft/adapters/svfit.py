@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.lora import DEFAULT_TARGETS
 from jaxpeft.adapters.method import DenseMethod, low_rank, register
@@ -27,7 +28,7 @@ class SvfitConfig(AdapterConfig):
         super().__post_init__()
         object.__setattr__(self, "method", "svfit")
         if self.r < 1:
-            raise ValueError(f"r={self.r}: must be >= 1")
+            raise AdapterError(f"r={self.r}: must be >= 1")
 
 
 class Svfit(DenseMethod):

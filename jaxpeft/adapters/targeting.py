@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from jaxpeft.errors import AdapterError
 from jaxpeft.models.config import ModelConfig
 from jaxpeft.models.namemap import name_map
 
@@ -93,7 +94,7 @@ def generic_dense_modules(abstract_params: Any) -> tuple[DenseModule, ...]:
         name = ".".join(mod[:1] + ["{i}"] + mod[1:]) if layered else ".".join(mod)
         out.append(DenseModule("/".join(mod), name, layered, shape[0] if layered else 1, shape[-2], shape[-1]))
     if not out:
-        raise ValueError("this model has no dense layer to adapt (no 2-D or scan-stacked 3-D 'kernel' param)")
+        raise AdapterError("this model has no dense layer to adapt (no 2-D or scan-stacked 3-D 'kernel' param)")
     return tuple(out)
 
 
@@ -129,14 +130,14 @@ def resolve_targets(mods: tuple[DenseModule, ...], targets: str | tuple[str, ...
     if layers is not None:
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"layers_to_transform={list(layers)}: layer indices {bad} out of range "
+            raise AdapterError(f"layers_to_transform={list(layers)}: layer indices {bad} out of range "
                              f"(the model has {num_layers} layers, 0..{max(num_layers - 1, 0)})")
     if strict:
         entries = [targets] if isinstance(targets, str) else list(targets)
         for entry in entries:
             spec = entry if isinstance(targets, str) else (entry,)
             if not any(matches(spec, n) for n in all_names):
-                raise ValueError(_no_match_message(entry, all_names))
+                raise AdapterError(_no_match_message(entry, all_names))
     out = []
     for m in mods:
         chosen, opts = [], []
@@ -151,7 +152,7 @@ def resolve_targets(mods: tuple[DenseModule, ...], targets: str | tuple[str, ...
             out.append(ModuleTarget(m.flax_module, m.hf_module, m.layered, m.num_layers,
                                     tuple(i for i in chosen if i is not None), m.n_in, m.n_out, tuple(opts)))
     if not out:
-        raise ValueError(f"target_modules={targets!r} (exclude_modules={exclude!r}, layers_to_transform={layers}) "
+        raise AdapterError(f"target_modules={targets!r} (exclude_modules={exclude!r}, layers_to_transform={layers}) "
                          f"selects no module of this model; module names look like {_examples(all_names)}")
     return tuple(out)
 
@@ -231,7 +232,7 @@ def select_hook_sites(sites: tuple[HookSite, ...], layers: tuple[int, ...] | Non
     import dataclasses
 
     if not sites:
-        raise ValueError("this model has no prefix hook: prefix methods (prefix tuning, P-tuning v2, APT) need "
+        raise AdapterError("this model has no prefix hook: prefix methods (prefix tuning, P-tuning v2, APT) need "
                          "attention layers that call jaxpeft.models.attention.PrefixHook (every jaxpeft backbone "
                          "does); use a dense-layer method such as LoRA for this model")
     out = []
@@ -242,7 +243,7 @@ def select_hook_sites(sites: tuple[HookSite, ...], layers: tuple[int, ...] | Non
         n = s.num_layers if s.layered else 1
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
-            raise ValueError(f"layers_to_transform={list(layers)}: layer indices {bad} out of range (the model has "
+            raise AdapterError(f"layers_to_transform={list(layers)}: layer indices {bad} out of range (the model has "
                              f"{n} layers, 0..{n - 1})")
         out.append(dataclasses.replace(s, layers=tuple(sorted(set(layers)))))
     return tuple(out)

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxpeft.errors import ModelConfigError, UnsupportedError
+
 DECODER_ARCHS = ("llama", "qwen2", "gemma3_text")
 ENCODER_ARCHS = ("bert", "roberta")
 ARCHS = DECODER_ARCHS + ("gpt2",) + ENCODER_ARCHS
@@ -166,7 +168,7 @@ def _rope(hf: dict[str, Any], layer_type: str | None) -> tuple[float, float]:
         return float(params["rope_theta"]), 1.0
     if rope_type == "linear":
         return float(params["rope_theta"]), float(params["factor"])
-    raise NotImplementedError(
+    raise UnsupportedError(
         f"rope_type {rope_type!r} is not supported yet (supported: 'default', 'linear'); "
         "open an issue with the model name")
 
@@ -176,7 +178,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
     if mt == "gemma3":  # multimodal wrapper config: take the text part
         hf, mt = hf["text_config"], "gemma3_text"
     if mt not in ARCHS:
-        raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(ARCHS)}")
+        raise ModelConfigError(f"model_type {mt!r} is not supported; supported: {', '.join(ARCHS)}")
     common = dict(arch=mt, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
                   eos_token_id=_ids(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
                   num_labels=len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2))
@@ -199,12 +201,12 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
         if mt == "qwen2":
             out.update(qkv_bias=True)
             if hf.get("use_sliding_window"):
-                raise NotImplementedError("qwen2 use_sliding_window=True is not supported yet")
+                raise UnsupportedError("qwen2 use_sliding_window=True is not supported yet")
         if mt == "gemma3_text":
             if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
-                raise NotImplementedError("gemma logit soft-capping is not supported")
+                raise UnsupportedError("gemma logit soft-capping is not supported")
             if hf.get("use_bidirectional_attention"):
-                raise NotImplementedError("gemma3 use_bidirectional_attention=True is not supported")
+                raise UnsupportedError("gemma3 use_bidirectional_attention=True is not supported")
             local_theta, _ = _rope(hf, "sliding_attention")
             layer_types = hf.get("layer_types")
             pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
@@ -227,13 +229,13 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
                    hidden_dropout=hf.get("resid_pdrop", 0.0), attention_dropout=hf.get("attn_pdrop", 0.0))
         for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(k):
-                raise NotImplementedError(f"gpt2 {k}=True is not supported")
+                raise UnsupportedError(f"gpt2 {k}=True is not supported")
         if hf.get("scale_attn_weights") is False:
-            raise NotImplementedError("gpt2 scale_attn_weights=False is not supported")
+            raise UnsupportedError("gpt2 scale_attn_weights=False is not supported")
     else:  # bert / roberta
         d, h = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise NotImplementedError("only absolute position embeddings are supported for bert/roberta")
+            raise UnsupportedError("only absolute position embeddings are supported for bert/roberta")
         pad = hf.get("pad_token_id", 0 if mt == "bert" else 1)
         out = dict(hidden_size=d, num_layers=hf["num_hidden_layers"], num_heads=h, num_kv_heads=h, head_dim=d // h,
                    intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
@@ -256,5 +258,5 @@ def _act(name: str) -> str:
     table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
              "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
     if name not in table:
-        raise NotImplementedError(f"activation {name!r} is not supported; supported: {sorted(table)}")
+        raise UnsupportedError(f"activation {name!r} is not supported; supported: {sorted(table)}")
     return table[name]

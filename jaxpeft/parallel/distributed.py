@@ -9,8 +9,10 @@ import os
 
 import jax
 
+from jaxpeft.errors import JaxpeftError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(JaxpeftError, RuntimeError):
     """The process could not join the job; the message names what was given and the fix."""
 
 

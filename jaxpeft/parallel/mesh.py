@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxpeft.errors import JaxpeftError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = "batch"
 """Logical name of a batch dimension: split over data and fsdp (every device holds distinct rows)."""
@@ -30,7 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(JaxpeftError, ValueError):
     """A mesh that cannot be built on these devices; the message names the sizes and the fix."""
 
 

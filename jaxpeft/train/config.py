@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
+from jaxpeft.errors import JaxpeftError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxpeftError, ValueError):
     """A bad run configuration; the message names the key and the fix."""
 
 
@@ -51,6 +53,10 @@ class ModelSection(_Section):
     checkpoint: str = Field(description="HF folder, .gguf file, jaxpeft asset name, or hub id")
     task: Literal["causal_lm", "seq_cls", "token_cls", "multiple_choice"] = "causal_lm"
     """What the run trains and evaluates (docs/tasks.md): the head built and the task's loss and metrics."""
+    train_new_head: Bool = True
+    """Classification / token classification: a head the checkpoint does not hold (freshly initialised) is
+    trained with the adapter (added to the adapter's modules_to_save, as PEFT does for SEQ_CLS / TOKEN_CLS);
+    false keeps it frozen at its random init (the run says so)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype."""
     param_dtype: Literal["float32", "bfloat16"] | None = None
@@ -235,6 +241,12 @@ class TrainSection(_Section):
     compilation_cache_dir: str | None = None
     """A folder for JAX's persistent compilation cache: a restarted or resumed run with the same shapes skips
     recompiling its steps (the JAX_COMPILATION_CACHE_DIR environment variable works too); None: no cache."""
+    preemption_check_every: Int = Field(default=1, gt=0)
+    """Multi-process runs: every this many steps the processes agree (one tiny collective) whether any of them
+    received SIGTERM/SIGINT, so all stop, checkpoint and exit at the same step. A single process checks every
+    step for free."""
+    update_norm_warning: float = Field(default=10.0, ge=0)
+    """Warn when a step's update norm exceeds this multiple of its running mean (an exploding adapter); 0: off."""
 
     @field_validator("grad_accum")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.bundled import PREFIX as BUNDLED, names as bundled_names, resolve as resolve_bundled
 from jaxpeft.train.config import DataSection
 
@@ -25,7 +26,7 @@ PAD_VALUES = {"input_ids": None, "attention_mask": 0, "loss_mask": 0.0, "token_t
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(JaxpeftError, ValueError):
     """Bad data: empty split, missing field, label out of range, row too long. Names the file/row and fix."""
 
 

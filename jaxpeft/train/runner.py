@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.adapters import AdaptedModel
 from jaxpeft.adapters.native_io import load_any, save_any
 from jaxpeft.adapters.partition import trainable_parameters_line
@@ -34,7 +35,7 @@ from jaxpeft.train.tasks import MODEL_TASK, EvalTools, encode_rows, make_task
 ADAPTER_NAME = "default"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(JaxpeftError, RuntimeError):
     """The loss became NaN or inf; the message names the step and batch, the last good checkpoint is kept."""
 
 
