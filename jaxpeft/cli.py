@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit codes: 0 done; 2 a user error (`error: ...` on stderr names the problem and the fix, no traceback unless
     --debug); 75 (`jaxpeft.errors.EXIT_PREEMPTED`) training stopped by SIGTERM/SIGINT after writing a checkpoint:
-    run the same command again to resume. Anything else is a bug in jaxpeft (its traceback is printed).
+    run the same command again to resume; 130 a second SIGINT stopped it at once. Anything else is a bug in
+    jaxpeft (its traceback is printed).
     """
-    from jaxpeft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, JaxpeftError, TrainingPreempted
+    from jaxpeft.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, JaxpeftError, TrainingPreempted
 
     args = build_parser().parse_args(argv)
     try:
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingPreempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training at a checkpoint)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (JaxpeftError, OSError) as e:
         if args.debug:
             raise

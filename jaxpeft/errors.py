@@ -11,6 +11,10 @@ EXIT_PREEMPTED = 75
 command again to resume (EX_TEMPFAIL: an orchestrator should requeue the job, not mark it done or failed)."""
 
 
+EXIT_INTERRUPTED = 130
+"""`jaxpeft` exit code after a second SIGINT (Ctrl-C twice): stopped at once, no checkpoint of the current step."""
+
+
 class JaxpeftError(Exception):
     """Base of every error jaxpeft raises for a user's input; the message names the problem and the fix."""
 

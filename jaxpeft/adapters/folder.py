@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpeft.faults import fault_point
 from jaxpeft.loading.errors import CheckpointError
 from jaxpeft.loading.fileperm import publish_dir, publish_file
 
@@ -58,6 +59,7 @@ def write_atomically(out: str | os.PathLike, write: Callable[[Path], None], repl
         publish_dir(tmp)
         for f in tmp.iterdir():
             publish_file(f)
+        fault_point("export.written")
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -67,6 +69,7 @@ def write_atomically(out: str | os.PathLike, write: Callable[[Path], None], repl
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        fault_point("export.renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

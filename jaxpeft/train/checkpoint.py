@@ -1,7 +1,7 @@
 """Run checkpoints on Orbax ``CheckpointManager``: the trainable pytree, its optax state and resume metadata.
 
 Keeps the last N steps plus the best one, writes only a fingerprint of the frozen base, verifies digests on
-restore. May import orbax, jax, numpy and jaxpeft.loading.errors only.
+restore. May import orbax, jax, numpy, jaxpeft.loading.errors and jaxpeft.faults only.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from jaxpeft.faults import fault_point
 from jaxpeft.loading.errors import CheckpointError
 
 
@@ -395,13 +396,16 @@ class RunCheckpointer:
         args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(record))
         # force=True: our own monotonic-step check above replaces Orbax's save-decision policy, whose
         # silent `return False` would otherwise drop a save without an error.
+        fault_point("checkpoint.begin", step)
         saved = self._mngr.save(step, args=args, metrics=orbax_metrics, force=True)
         if not saved:  # pragma: no cover - defensive
             raise RuntimeError(f"Orbax declined to save step {step} in {self.directory}")
         self._unsynced.append(step)
         if not self.async_save:
             self._mngr.wait_until_finished()
+            fault_point("checkpoint.written", step)
         self._sync_committed()
+        fault_point("checkpoint.synced", step)
 
     def _sync_committed(self) -> None:
         pending = []

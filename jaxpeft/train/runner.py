@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, TrainingPreempted
+from jaxpeft.faults import fault_point
 from jaxpeft.adapters import AdaptedModel
 from jaxpeft.adapters.native_io import load_any, save_any
 from jaxpeft.adapters.partition import trainable_parameters_line
@@ -27,6 +28,8 @@ from jaxpeft.train.compile_cache import enable_compilation_cache
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
 from jaxpeft.train.data import Batcher, DataError, Prefetch, data_folder, eval_batches, load_split
 from jaxpeft.train.placement import Placement
+from jaxpeft.train.preemption import StopSignals
+from jaxpeft.train.run_dir import check_resume_config, lock_run_dir
 from jaxpeft.train.loop import (gathered_head_tokens, generate_with_adapter, init_optimizer_state, iterate_losses,
                                 make_eval_loss, make_optimizer, make_regularizer, make_train_step)
 from jaxpeft.train.probes import gate_report, has_gates, has_siamese_gate, siamese_gate_report
@@ -219,16 +222,25 @@ def _fmt(metrics: dict[str, float]) -> str:
 def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] = (), *, verbose: bool = True) -> RunResult:
     """Train an adapter as the config says; resume from `train.output_dir` when it holds checkpoints.
 
-    Returns the metrics before and after training, and where the PEFT-format adapter was written.
+    Returns the metrics before and after training, and where the PEFT-format adapter was written. Raises
+    TrainingPreempted after SIGTERM/SIGINT once a checkpoint of the step reached is written (run again to resume),
+    ConfigError when another run holds the folder or a resumed run's config changes training.
     """
-    from jaxpeft.train.logging import RunLogger
-
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     out = Path(cfg.train.output_dir)
     main = jax.process_index() == 0  # with several processes only the first writes run files and prints
+    if cfg.train.resume:  # checkpoints trained under other settings would silently change this run
+        check_resume_config(out, cfg)
+    with lock_run_dir(out, enabled=main), StopSignals() as stop:
+        return _run(cfg, out, main, stop, verbose)
+
+
+def _run(cfg: RunConfig, out: Path, main: bool, stop: StopSignals, verbose: bool) -> RunResult:
+    """The body of `run` once the run folder is locked and stop signals are caught."""
+    from jaxpeft.train.logging import RunLogger
+
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
     say = print if verbose and main else (lambda *a, **k: None)
     ctx = _context(cfg, calibrate=True)
@@ -310,9 +322,11 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
             trainable, opt_state, terms = step_fn(trainable, opt_state, frozen, extras, place.global_batch(batch),
                                                   np.int32(step))
             pending.append((step, epoch, index, int(batch["attention_mask"].sum()), terms))
+            fault_point("train.step", step + 1)
             done = step + 1 == cfg.train.steps
+            stopping = not done and stop.agreed(step + 1, cfg.train.preemption_check_every)
             evaluate_now = (step + 1) % cfg.train.eval_every == 0 or done
-            save_now = (step + 1) % cfg.train.checkpoint_every == 0 or done
+            save_now = (step + 1) % cfg.train.checkpoint_every == 0 or done or stopping
             settle(keep=0 if evaluate_now or save_now or (step + 1) % cfg.train.log_every == 0 else 1)
             metrics = None
             if evaluate_now:
@@ -324,6 +338,11 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
                           meta={"step": step + 1, "epoch": nxt_epoch, "index": nxt_index, "seed": cfg.train.seed,
                                 "metrics_before": result.metrics_before},
                           metrics=metrics, extras=extras)
+            if stopping or (not done and save_now and stop.requested and jax.process_count() == 1):
+                ckpt.wait()
+                raise TrainingPreempted(f"stopped at step {step + 1} of {cfg.train.steps} on {stop.signal_name}; "
+                                        f"checkpoint {step + 1} is in {out / 'checkpoints'}: run the same command "
+                                        "again to resume", step + 1)
     finally:
         batches.close()
         ckpt.wait()
