@@ -97,8 +97,9 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
     (`AdaptedModel.regularizer`) are added once per optimizer step, after that normalisation: to the loss and
     its gradient (placement 'loss'), or as post_clip_scale(peak_lr) * grad R after clipping (placement
     'post_clip': tx must come from make_optimizer(..., post_clip=True)). Only `trainable` is differentiated.
-    terms: {'loss': task loss + R, 'task_loss', 'regularizer'} (and 'post_clip_regularizer', unscaled, when
-    there is one), float32 scalars. A non-finite loss or gradient returns the inputs unchanged and loss = NaN.
+    terms: {'loss': task loss + R, 'task_loss', 'regularizer', 'update_norm' (global norm of the optimizer's
+    update)} (and 'post_clip_regularizer', unscaled, when there is one), float32 scalars. A non-finite loss or
+    gradient returns the inputs unchanged and loss = NaN (checked inside the step: no extra host round trip).
     Training hooks (AdaLoRA) run after the update on the step's gradients (before clipping); opt_state then comes
     from `init_optimizer_state`, and total_steps is the run's length.
     head_tokens: K, run the head only at the K positions each row's loss scores (`gathered_head_tokens`), not
@@ -161,7 +162,7 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
             extra_args["post_clip_grads"] = jax.grad(reg_fn)(trainable, extras, "post_clip", peak_lr)
         # a non-finite loss or gradient leaves the state untouched (and is reported as a NaN loss), so no
         # NaN ever reaches the weights, the optimizer state or a checkpoint
-        ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         tx_state = opt_state["optimizer"] if hooked else opt_state
         updates, new_tx_state = tx.update(grads, tx_state, trainable, **extra_args)
         new_trainable = optax.apply_updates(trainable, updates)
@@ -172,6 +173,7 @@ def make_train_step(model: AdaptedModel, task: Task, tx: optax.GradientTransform
             new_opt_state = {"optimizer": new_tx_state, "hooks": hooks}
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         terms["loss"] = jnp.where(ok, loss, jnp.nan)
+        terms["update_norm"] = optax.tree.norm(updates)  # the loop warns when it explodes
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), terms
 
     if shardings is None:

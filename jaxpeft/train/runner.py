@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,29 @@ def _generate(ctx: _Context, trainable: Any, rows: list[dict[str, Any]]) -> list
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
+class UpdateNormWatch:
+    """Warns when a step's update norm exceeds `factor` times the running mean of the steps before it (an exploding
+    adapter), after a few steps of history, at most once per 100 steps; factor 0 turns it off."""
+
+    def __init__(self, factor: float, warmup: int = 5) -> None:
+        self.factor, self.warmup = factor, warmup
+        self.mean, self.count, self.last_warned = 0.0, 0, -100
+
+    def observe(self, step: int, norm: float) -> str | None:
+        """Record step's update norm; the warning text when it explodes, else None."""
+        if not self.factor or not math.isfinite(norm):
+            return None
+        message = None
+        if (self.count >= self.warmup and norm > self.factor * self.mean and step - self.last_warned >= 100):
+            self.last_warned = step
+            message = (f"warning: step {step}: the adapter update norm {norm:.3g} is {norm / self.mean:.0f}x its "
+                       f"running mean {self.mean:.3g} (train.update_norm_warning={self.factor:g}): the adapter may be "
+                       "exploding; lower optim.lr, set optim.clip_norm or add warm-up steps")
+        self.count += 1
+        self.mean += (norm - self.mean) / min(self.count, 50)  # mean of the first 50 steps, then an EMA
+        return message
+
+
 def _fmt(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
@@ -290,6 +314,7 @@ def _run(cfg: RunConfig, out: Path, main: bool, stop: StopSignals, verbose: bool
     # steps run ahead of the host: a step's terms are read back once the next step is queued (or at once at a
     # log, eval or checkpoint step), so the device never waits for Python between steps
     pending: list[tuple[int, int, int, int, dict[str, Any]]] = []  # (step, epoch, index, tokens, terms)
+    norms = UpdateNormWatch(cfg.train.update_norm_warning)
 
     def settle(keep: int = 0) -> None:
         """Read back every pending step but the newest `keep`, in order; a non-finite loss stops the run there."""
@@ -309,10 +334,14 @@ def _run(cfg: RunConfig, out: Path, main: bool, stop: StopSignals, verbose: bool
             tokens += ntok
             result.train_losses.append((s + 1, loss))
             logger.progress(s + 1, loss, ntok)
+            norm = float(terms["update_norm"])
+            warning = norms.observe(s + 1, norm)
+            if warning and main:
+                say(warning) if verbose else warnings.warn(warning, RuntimeWarning, stacklevel=2)
             if (s + 1) % cfg.train.log_every == 0:
-                logged = {"loss": loss}
+                logged = {"loss": loss, "update_norm": norm}
                 if has_reg:  # task loss and regulariser separately
-                    logged.update({k: float(v) for k, v in terms.items() if k != "loss"})
+                    logged.update({k: float(v) for k, v in terms.items() if k not in ("loss", "update_norm")})
                 logger.log(s + 1, {**logged, "tokens_per_s": tokens / (time.perf_counter() - t0)})
 
     batches = Prefetch(batcher.iterate(epoch, index), cfg.train.prefetch)

@@ -391,3 +391,17 @@ def test_gathered_and_chunked_head_give_the_full_head_loss_and_gradient(nodrop, 
         assert abs(float(out[None][2]["loss"]) - float(out[kk][2]["loss"])) < 1e-5
         assert max_diff(out[None][0], out[kk][0]) < 1e-5
     assert max_diff(out[None][0], trainable) > 1e-3  # the step moved the weights: the comparison means something
+
+
+# ------------------------------------------------------------------------------------------ numerical health
+
+def test_the_step_reports_its_update_norm_and_a_nan_loss_leaves_the_state_unchanged(nodrop):
+    model, task, trainable, extras, frozen, batch = nodrop
+    fn = make_train_step(model, task, TX, 1, seed=0)  # not the cached one: the terms are read here
+    old = copy(trainable)
+    new, _, terms = fn(copy(trainable), TX.init(trainable), frozen, extras, batch, np.int32(0))
+    moved = optax.tree.norm(jax.tree.map(lambda a, b: a - b, new, old))
+    assert float(moved) > 1e-4 and abs(float(terms["update_norm"]) - float(moved)) < 1e-5 * float(moved)
+    bad = dict(batch, example_weight=batch["example_weight"] * np.float32("nan"))
+    same, _, terms = fn(copy(old), TX.init(trainable), frozen, extras, bad, np.int32(1))
+    assert math.isnan(float(terms["loss"])) and bit_equal(same, old)

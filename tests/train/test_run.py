@@ -303,3 +303,18 @@ def test_resume_false_refuses_a_folder_with_checkpoints(diverged_run):
 
     with pytest.raises(ConfigError, match=r"train\.resume=false.*latest step"):
         run(str(diverged_run["cfg"]), ["train.resume=false", "optim.lr=1e-3"], verbose=False)
+
+
+def test_the_update_norm_watch_warns_once_when_a_step_explodes_and_never_when_off():
+    from jaxpeft.train.runner import UpdateNormWatch
+
+    watch = UpdateNormWatch(10.0)
+    steady = [watch.observe(s, 1.0 + 0.1 * (s % 3)) for s in range(1, 20)]
+    assert steady == [None] * 19
+    msg = watch.observe(20, 50.0)
+    assert msg and "step 20" in msg and "update norm 50" in msg and "lower optim.lr" in msg
+    assert watch.observe(21, 60.0) is None  # at most one warning per 100 steps
+    early = UpdateNormWatch(10.0)
+    assert [early.observe(s, n) for s, n in enumerate([1.0, 100.0], 1)] == [None, None]  # no history yet
+    off = UpdateNormWatch(0.0)
+    assert [off.observe(s, 1.0 if s < 10 else 1e6) for s in range(1, 12)] == [None] * 11
