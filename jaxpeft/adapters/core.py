@@ -344,8 +344,12 @@ class AdaptedModel:
         saved = [state["trainable"][n].get("saved") or {} for n in names] if names else []
         if any(saved):
             if adapter_index is not None or len(names) > 1:
-                raise AdapterError("modules_to_save cannot be combined with several active adapters or a "
-                                 "per-example adapter_index")
+                owners = [n for n, sv in zip(names, saved) if sv]
+                raise AdapterError(f"adapter(s) {owners} train their own copy of {sorted(set().union(*saved))} "
+                                   "(modules_to_save, e.g. a classification head): one forward cannot use several "
+                                   "such copies at once, so several active adapters or a per-example adapter_index "
+                                   "cannot include them; run each adapter's rows in their own batch (active=NAME), "
+                                   "or merge those adapters one at a time")
             params.update(saved[0])
         variables: dict[str, Any] = {"params": params}
         site_specs = [s for s in specs if s.sites]

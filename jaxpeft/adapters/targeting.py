@@ -157,6 +157,13 @@ def resolve_targets(mods: tuple[DenseModule, ...], targets: str | tuple[str, ...
     return tuple(out)
 
 
+def partial_layer_targets(sites: tuple[Any, ...]) -> list[str]:
+    """'<module template>: layers [...] of N' for each targeted layered module adapted in only some layers (a
+    regex or exclude list that matched a module in only some layers); ModuleTargets only, other sites skipped."""
+    return [f"{t.hf_module.replace('{i}', '*')}: layers {list(t.layers)} of {t.num_layers}" for t in sites
+            if isinstance(t, ModuleTarget) and t.layered and len(t.layers) < t.num_layers]
+
+
 def _examples(names: list[str]) -> str:
     layer0 = [n for n in names if ".1." not in n and not re.search(r"\.[1-9]\d*\.", n)]
     return ", ".join(layer0[:12])

@@ -24,6 +24,7 @@ from jaxpeft.faults import fault_point
 from jaxpeft.adapters import AdaptedModel
 from jaxpeft.adapters.native_io import load_any, save_any
 from jaxpeft.adapters.partition import trainable_parameters_line
+from jaxpeft.adapters.targeting import partial_layer_targets
 from jaxpeft.generation import SamplingConfig
 from jaxpeft.train.compile_cache import enable_compilation_cache
 from jaxpeft.train.config import ConfigError, RunConfig, dump_config, load_config
@@ -72,6 +73,8 @@ class _Context:
     placement: Placement | None = None
     buckets: tuple[int, ...] = ()
     """Padded lengths in use (data.buckets, or those 'auto' planned from the data)."""
+    notes: tuple[str, ...] = ()
+    """What the run should tell the user about how it was set up (a fresh head trained or left frozen, ...)."""
 
 
 def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
@@ -101,18 +104,44 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
     adapter_cfg = cfg.adapter_config()
     if getattr(adapter_cfg, "total_step", 0) is None:  # AdaLoRA's schedule spans the run unless told otherwise
         adapter_cfg = dataclasses.replace(adapter_cfg, total_step=cfg.train.steps)
+    adapter_cfg, head_note = _new_head(cfg, pre, adapter_cfg)
     try:
         model = AdaptedModel.wrap(pre.module).add(ADAPTER_NAME, adapter_cfg)
     except ValueError as e:  # targets that match nothing, layers out of range, a method the model cannot take
         raise ConfigError(f"adapter: {e}") from e
     _check_positions(cfg, pre.config, model)
+    spec = model.spec(ADAPTER_NAME)
+    partial = [] if spec.config.layers_to_transform is not None else partial_layer_targets(spec.targets)
+    if partial:
+        head_note = "\n".join(filter(None, [head_note, (
+            "note: the adapter's targets match some modules in only some layers (layers_to_transform is not set): "
+            + "; ".join(partial))]))
     state = _init_state(model, pre.params, cfg.train.seed, _calibration(cfg, model, pre.params, task, calibrate),
                         placement)
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     eval_examples = encode_rows(task, eval_rows)
     ctx = _Context(cfg, pre, task, model, state, eval_rows, eval_examples, placement=placement,
-                   buckets=_buckets(cfg, [], eval_examples))
+                   buckets=_buckets(cfg, [], eval_examples), notes=tuple(filter(None, [head_note])))
     return _with_model(ctx, model, state)
+
+
+def _new_head(cfg: RunConfig, pre: Any, adapter_cfg: Any) -> tuple[Any, str | None]:
+    """(adapter config, note): a classification head the checkpoint lacks is added to modules_to_save (trained
+    with the adapter, as PEFT does for SEQ_CLS / TOKEN_CLS) unless model.train_new_head is false."""
+    fresh = sorted({p.split("/")[0] for p in getattr(pre, "newly_initialised", [])})
+    if cfg.model.task not in ("seq_cls", "token_cls") or not fresh:
+        return adapter_cfg, None
+    already = set(adapter_cfg.modules_to_save or ())
+    missing = [m for m in fresh if m not in already]
+    if adapter_cfg.method == "full" or not missing:
+        return adapter_cfg, None
+    heads = ", ".join(missing)
+    if not cfg.model.train_new_head:
+        return adapter_cfg, (f"warning: the {cfg.model.task} head ({heads}) is not in the checkpoint: it stays at its "
+                             "random initialisation because model.train_new_head is false")
+    adapter_cfg = dataclasses.replace(adapter_cfg, modules_to_save=tuple(adapter_cfg.modules_to_save) + tuple(missing))
+    return adapter_cfg, (f"the {cfg.model.task} head ({heads}) is not in the checkpoint: it is trained with the "
+                         "adapter (counted below; model.train_new_head: false keeps it frozen)")
 
 
 def _buckets(cfg: RunConfig, train_examples: list[Any], eval_examples: list[Any]) -> tuple[int, ...]:
@@ -270,6 +299,8 @@ def _run(cfg: RunConfig, out: Path, main: bool, stop: StopSignals, verbose: bool
     ctx = _context(cfg, calibrate=True)
     place = ctx.placement
     frozen = ctx.pretrained.params
+    for note in ctx.notes:
+        say(note)
     say(trainable_parameters_line(ctx.model, ctx.state, frozen))
     train_rows = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)
     train_examples = encode_rows(ctx.task, train_rows)

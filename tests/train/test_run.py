@@ -318,3 +318,59 @@ def test_the_update_norm_watch_warns_once_when_a_step_explodes_and_never_when_of
     assert [early.observe(s, n) for s, n in enumerate([1.0, 100.0], 1)] == [None, None]  # no history yet
     off = UpdateNormWatch(0.0)
     assert [off.observe(s, 1.0 if s < 10 else 1e6) for s in range(1, 12)] == [None] * 11
+
+
+def _cls_run_config(tiny_bert_dir, write_jsonl, tmp_path, **model):
+    import json
+
+    rows = [{"text": t, "label": lab} for t, lab in [("good movie", "positive"), ("bad film", "negative"),
+                                                      ("great film", "positive"), ("awful movie", "negative")] * 4]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", rows[:8])
+    (tmp_path / "data" / "labels.json").write_text(json.dumps(["negative", "positive"]))
+    return {"model": {"checkpoint": str(tiny_bert_dir), "task": "seq_cls", **model},
+            "adapter": {"method": "lora", "r": 2, "target_modules": ["query", "value"]},
+            "data": {"path": str(tmp_path / "data"), "max_length": 16, "buckets": [16]},
+            "optim": {"lr": 1e-2},
+            "train": {"steps": 2, "batch_size": 4, "eval_every": 100, "checkpoint_every": 100, "log_every": 1,
+                      "eval_batch_size": 8, "eval_before_training": False, "output_dir": str(tmp_path / "run")}}
+
+
+@pytest.mark.parametrize("train_new_head", [True, False])
+def test_a_fresh_classification_head_is_trained_by_default_and_said_so(tiny_bert_dir, write_jsonl, tmp_path, capsys,
+                                                                        train_new_head):
+    import json
+
+    from jaxpeft.train import run
+
+    cfg = _cls_run_config(tiny_bert_dir, write_jsonl, tmp_path, train_new_head=train_new_head)
+    result = run(cfg)
+    out = capsys.readouterr().out
+    head = 32 * 2 + 2  # the classifier: hidden 32 x 2 labels + bias
+    lora = 2 * 2 * (32 * 2 + 2 * 32)  # q and v in 2 layers, r=2
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    if train_new_head:
+        assert "the seq_cls head (classifier) is not in the checkpoint: it is trained with the adapter" in out
+        assert f"trainable params: {lora + head:,d}" in out
+        assert saved["modules_to_save"] == ["classifier"]
+        tensors = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+        assert any("classifier" in k for k in tensors)
+    else:
+        assert "it stays at its random initialisation because model.train_new_head is false" in out
+        assert f"trainable params: {lora:,d}" in out
+        assert not saved.get("modules_to_save")
+
+
+def test_targets_matching_a_module_in_only_some_layers_are_reported(make_config):
+    from jaxpeft.train.config import load_config
+    from jaxpeft.train.runner import _context
+
+    cfg = load_config(make_config({"adapter": {"target_modules": r"model\.layers\.0\.self_attn\.(q|v)_proj"}}))
+    notes = "\n".join(_context(cfg).notes)
+    assert "match some modules in only some layers" in notes
+    assert "model.layers.*.self_attn.q_proj: layers [0] of 2" in notes
+    assert "model.layers.*.self_attn.v_proj: layers [0] of 2" in notes
+    chosen = load_config(make_config({"adapter": {"layers_to_transform": [0]}}))  # asked for: no note
+    assert _context(chosen).notes == ()
+    everywhere = load_config(make_config())
+    assert _context(everywhere).notes == ()
