@@ -197,7 +197,7 @@ def _calibration(cfg: RunConfig, model: AdaptedModel, params: Any, task: Any, ca
         return None
     if not calibrate:
         return {ADAPTER_NAME: placeholder}
-    n = cfg.adapter_config().calibration_samples
+    n = model.spec(ADAPTER_NAME).config.calibration_samples  # the method's own config (inside a wrapper: IMSM)
     rows = load_split(cfg.data, cfg.data.train_split, n)
     seqs = [ex["input_ids"] for ex in encode_rows(task, rows)[:n]]
     return {ADAPTER_NAME: model.calibrate(params, seqs, ADAPTER_NAME)}

@@ -13,6 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -374,3 +375,21 @@ def test_targets_matching_a_module_in_only_some_layers_are_reported(make_config)
     assert _context(chosen).notes == ()
     everywhere = load_config(make_config())
     assert _context(everywhere).notes == ()
+
+
+def test_imsm_wrapping_corda_calibrates_the_inner_method_on_the_training_rows(make_config):
+    import numpy as np
+
+    from jaxpeft.train.config import load_config
+    from jaxpeft.train.runner import _context
+
+    inner = {"method": "corda", "r": 2, "calibration_samples": 3, "target_modules": ["q_proj", "v_proj"]}
+    raw = make_config()
+    raw["adapter"] = {"method": "imsm", "inner": inner}
+    cfg = load_config(raw)
+    placeholder = _context(cfg).state["extras"]
+    calibrated = _context(cfg, calibrate=True).state["extras"]
+    # the frozen CorDA factors come from the 3 calibration rows, not from the placeholder statistics
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(placeholder), jax.tree.leaves(calibrated))]
+    assert diffs and max(diffs) > 1e-3
