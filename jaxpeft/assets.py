@@ -362,7 +362,9 @@ def _lookup(name: str) -> AssetSpec:
     known = sorted(ASSETS)
     close = difflib.get_close_matches(str(name).lower(), known, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise AssetError(f"unknown asset {name!r}.{hint} Known assets: {', '.join(known)}.")
+    raise AssetError(f"unknown asset {name!r}.{hint} Known assets: {', '.join(known)}. Pass one of these names "
+                     "(`jaxpeft download --list` describes them), or a local folder / hub id where a checkpoint is "
+                     "expected.")
 
 
 def _manifest(spec: AssetSpec) -> dict[str, dict[str, object]]:

@@ -161,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on a user error, show the Python traceback too")
     parser = argparse.ArgumentParser(prog="jaxpeft", description="Parameter-efficient fine-tuning in JAX/Flax.",
                                      parents=[common])
-    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # --debug before or after the verb
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (JaxpeftError, OSError) as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {_user_message(e)}", file=sys.stderr)
         if not isinstance(e, JaxpeftError):

@@ -140,7 +140,8 @@ class AdaptedModel:
             inner = self.add(name, config.inner, strict=strict).spec(name)
             if self.model_cfg is None or not self.model_cfg.is_decoder:
                 raise AdapterError(f"adapter {name!r} ({config.method}): it mixes the final hidden states of a decoder "
-                                 "language model; this model is not a jaxpeft decoder backbone")
+                                 "language model; this model is not a jaxpeft decoder backbone: use IMSM with a "
+                                 "decoder (llama, qwen2, gemma3, gpt2) in a causal_lm task, or the inner method alone")
             return dataclasses.replace(self, adapters=self.adapters + (dataclasses.replace(inner, wrapper=config),))
         if config.method == "full":  # no interception: whole modules are trained (see init)
             return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, ()),))
@@ -169,6 +170,11 @@ class AdaptedModel:
             if len(ranks) > 1:
                 raise AdapterError(f"rank_pattern gives {t.hf_module} different ranks per layer ({sorted(ranks)}); "
                                  "per-layer ranks of one stacked module are not supported: use one rank per module")
+            (r,) = ranks
+            if strict and isinstance(r, int) and r > min(t.n_in, t.n_out):
+                raise AdapterError(f"r={r} is above the dimensions of {t.hf_module} ({t.n_in} -> {t.n_out}): an update "
+                                   f"of that weight has rank at most {min(t.n_in, t.n_out)}; lower adapter.r, or give "
+                                   "this module a smaller rank with rank_pattern, or exclude it")
         return dataclasses.replace(self, adapters=self.adapters + (AdapterSpec(name, config, resolved),))
 
     def hook_sites(self) -> tuple[HookSite, ...]:
@@ -232,7 +238,7 @@ class AdaptedModel:
             for mod in modules:
                 if mod not in frozen:
                     raise AdapterError(f"modules_to_save entry {mod!r} is not a top-level module of this model "
-                                     f"(have {sorted(frozen)})")
+                                       f"(have {sorted(frozen)}): name one of those, e.g. the task head")
                 saved[mod] = jax.tree.map(jnp.array, frozen[mod])  # a trainable copy; the base stays as is
             state["trainable"][s.name] = {"modules": _plain(variables.get(trainable_collection(s.name), {})),
                                           "shared": _to_dict(shared), "saved": saved}

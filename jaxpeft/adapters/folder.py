@@ -26,19 +26,26 @@ def read_folder(path: str | os.PathLike, config_name: str, weights_name: str, wh
 
     path = Path(path)
     cfg_file, weights = path / config_name, path / weights_name
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a {what} folder ({'a file' if path.exists() else 'no such folder'}); "
+                              f"pass the folder that holds {config_name} and {weights_name}")
     for f in (cfg_file, weights):
         if not f.exists():
-            raise CheckpointError(f"{path}: not a {what} folder (missing {f.name})")
+            raise CheckpointError(f"{path}: not a {what} folder (missing {f.name}); pass the folder that holds "
+                                  f"{config_name} and {weights_name}")
     try:
         raw = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is corrupt") from e
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is corrupt: export or copy "
+                              "the adapter again") from e
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}; the adapter folder "
+                              "is corrupt: export or copy the adapter again")
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for truncated files
-        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt") from e
+        raise CheckpointError(f"{weights}: cannot read ({e}); the file is truncated or corrupt: export or copy "
+                              "the adapter again") from e
     return raw, tensors
 
 

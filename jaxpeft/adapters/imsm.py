@@ -51,11 +51,7 @@ class IMSMConfig(AdapterConfig):
         object.__setattr__(self, "method", "imsm")
         inner = self.inner
         if isinstance(inner, dict):
-            inner = dict(inner)
-            name = inner.pop("method", None)
-            if name is None or name not in METHODS:
-                raise AdapterError(f"inner: a mapping with 'method' (one of {sorted(METHODS)}) is needed, got {name!r}")
-            inner = METHODS[name].config_cls(**inner)
+            inner = _inner_config(inner)
             object.__setattr__(self, "inner", inner)
         if not isinstance(inner, AdapterConfig):
             raise AdapterError("inner: the wrapped method's config is needed (e.g. inner: {method: lora, r: 8})")
@@ -72,6 +68,31 @@ class IMSMConfig(AdapterConfig):
             raise AdapterError(f"fixed_gate={self.fixed_gate}: must be in [0, 1]")
         if self.gate_lr is not None and self.gate_lr <= 0:
             raise AdapterError(f"gate_lr={self.gate_lr}: must be > 0 (or null: the run's optim.lr)")
+
+
+def _inner_config(raw: dict[str, Any]) -> AdapterConfig:
+    """The inner method's config from a mapping with its own 'method' (AdapterError naming `inner.<key>`)."""
+    import difflib
+
+    raw = dict(raw)
+    name = raw.pop("method", None)
+    if not isinstance(name, str) or name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1) if isinstance(name, str) else []
+        raise AdapterError(f"inner.method={name!r}: a mapping with 'method' (one of {sorted(METHODS)}) is needed"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if name in ("imsm", "full"):
+        raise AdapterError(f"inner: IMSM cannot wrap {name!r}; wrap a PEFT method (lora, kasa, apt, ...)")
+    cls = METHODS[name].config_cls
+    known = [f.name for f in fields(cls) if f.init]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise AdapterError(f"inner.{key}: not a {name} option" + (f" (did you mean {close[0]!r}?)" if close else "")
+                               + f"; options: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except AdapterError as e:  # the method's messages start with the field: 'r=0: ...'
+        raise AdapterError(f"inner.{e}") from None
 
 
 def init_gate(cfg: IMSMConfig, d: int, rng: jax.Array) -> dict[str, jax.Array]:

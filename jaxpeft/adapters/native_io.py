@@ -130,10 +130,12 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
                               f"({VERSION}); upgrade jaxpeft")
     arch = model.model_cfg.arch if model.model_cfg else None
     if meta.get("arch") != arch:
-        raise CheckpointError(f"{path}: the adapter was made for a {meta.get('arch')} model, this one is {arch}")
+        raise CheckpointError(f"{path}: the adapter was made for a {meta.get('arch')} model, this one is {arch}: "
+                              f"load it on the base model it was trained on{_made_for(meta)}")
     if meta.get("task") not in (None, model.task):
         raise CheckpointError(f"{path}: the adapter was made for task {meta.get('task')!r}, this model's task is "
-                              f"{model.task!r}")
+                              f"{model.task!r}: load the base with that task (model.task, or --task for jaxpeft "
+                              "merge)")
     config = config_from_dict(str(meta.get("method", "")), meta.get("config"))
     model = model.add(name, config)
     placeholder = model.placeholder_calibration(name)  # the saved extras replace what these would give
@@ -149,10 +151,13 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
     unexpected = sorted(set(tensors) - set(template))
     if missing or unexpected:
         raise CheckpointError(f"{weights}: does not fit the {config.method} adapter on this model: missing "
-                              f"{missing[:8]}, unexpected {unexpected[:8]}")
+                              f"{missing[:8]}, unexpected {unexpected[:8]}; the adapter was made for another model "
+                              f"size{_made_for(meta)}, or its weights and {CONFIG_FILE} come from different saves")
     for key, want in template.items():
         if tensors[key].shape != want.shape:
-            raise CheckpointError(f"{weights}: {key} has shape {tensors[key].shape}, this model needs {want.shape}")
+            raise CheckpointError(f"{weights}: {key} has shape {tensors[key].shape}, this model needs {want.shape}: "
+                                  f"the adapter was made for a base model of other sizes{_made_for(meta)}; load it "
+                                  "on its own base model")
     group = {"trainable": state["trainable"][name], "extras": state["extras"][name]}
 
     def fill(tree: dict[str, Any], prefix: str) -> None:
@@ -165,6 +170,12 @@ def load_adapter(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.
     fill(group["trainable"], "trainable")
     fill(group["extras"], "extras")
     return model, state
+
+
+def _made_for(meta: Mapping[str, Any]) -> str:
+    """' (base_model_name_or_path=...)' from an adapter description, or '' when it names none."""
+    base = meta.get("base_model_name_or_path")
+    return f" (base_model_name_or_path={base!r})" if base else ""
 
 
 def is_native(path: str | os.PathLike) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.errors import UnsupportedError
+from jaxpeft.errors import AdapterError, UnsupportedError
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdaptedModel, AdapterState
-from jaxpeft.loading.fileperm import publish_file
+from jaxpeft.adapters.folder import write_atomically
 from jaxpeft.adapters.method import get_path, merge_paths, method_for
 from jaxpeft.loading.errors import CheckpointError
 from jaxpeft.models.namemap import ARCH_NAMES
 
 PEFT_VERSION = "0.21.2"
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "base": "FEATURE_EXTRACTION"}
+SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "IA3", "PREFIX_TUNING")
+"""adapter_config.json `peft_type`s `import_peft` reads (LORA with use_dora or kasa_config included)."""
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+"""init_lora_weights values whose init rewrites the base weights: the saved (unconverted) adapter is a delta on that
+rewritten base, meaningless on the original checkpoint."""
 PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."
 """Prompt-learning methods (prefix tuning) save modules_to_save without the extra 'model.' level."""
@@ -234,23 +238,44 @@ def peft_config_dict(model: AdaptedModel, name: str, base_model_name_or_path: st
 
 def export_peft(model: AdaptedModel, state: AdapterState, name: str, out_dir: str | os.PathLike,
                 base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter `name` as a PEFT folder (adapter_config.json, adapter_model.safetensors, README.md)."""
+    """Write adapter `name` as a PEFT folder (adapter_config.json, adapter_model.safetensors, README.md): the three
+    files are written into a temporary sibling folder that is then renamed, so a folder under `out_dir`'s name is
+    always complete (an older adapter folder there is replaced; a folder holding other files is an error)."""
     from safetensors.numpy import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model, state, name)
-    tmp = out / ".adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    publish_file(tmp)
-    os.replace(tmp, out / "adapter_model.safetensors")
     cfg = peft_config_dict(model, name, base_model_name_or_path)
     if cfg["peft_type"] == "ADALORA":
         cfg["rank_pattern"] = {f"{hf}.lora_E": keep.tolist() for hf, keep in _adalora_masks(model, state, name)}
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (out / "README.md").write_text(f"# {name}\n\nA {cfg['peft_type']} adapter exported by jaxpeft for "
-                                   f"PEFT {PEFT_VERSION} (task {cfg['task_type']}).\n")
-    return out
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(f"# {name}\n\nA {cfg['peft_type']} adapter exported by jaxpeft for "
+                                       f"PEFT {PEFT_VERSION} (task {cfg['task_type']}).\n")
+
+    return write_atomically(out_dir, write, replaceable=("adapter_model.safetensors", "adapter_config.json",
+                                                         "README.md"))
+
+
+def _refuse_base_changing_init(init: Any) -> None:
+    """UnsupportedError for a LoRA saved with an init that rewrote the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)
+    and not converted: its tensors are a delta on that rewritten base, not on the checkpoint jaxpeft loads."""
+    if not isinstance(init, str):
+        return
+    kind = next((k for k in _BASE_CHANGING_INITS if init.startswith(k)), None)
+    if kind is None:
+        return
+    problem = (f"adapter_config.json init_lora_weights={init!r}: an unconverted {kind} adapter; its weights apply to "
+               f"the base that {kind} rewrote at init, not to the original checkpoint, so loading them on the "
+               "original base would compute something else")
+    if kind in ("pissa", "olora", "corda"):
+        fix = ("convert it in PEFT first: model.save_pretrained(out_dir, path_initial_model_for_weight_conversion="
+               "<the adapter folder saved right after init, before training>) (older PEFT: convert_pissa_to_lora=...) "
+               "writes a plain LoRA of rank 2r on the original base, which jaxpeft loads")
+    else:
+        fix = "merge it in PEFT (merge_and_unload) and use the merged model as the base"
+    raise UnsupportedError(f"{problem}: {fix}")
 
 
 def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
@@ -262,10 +287,13 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         raise UnsupportedError(f"layers_pattern={d['layers_pattern']!r} is not supported; layers are indexed "
                                   "by the architecture's name map")
     if peft_type == "LORA":
+        _refuse_base_changing_init(d.get("init_lora_weights", True))
         for key, default in (("lora_bias", False), ("bias", "none"), ("corda_config", None),
                              ("eva_config", None), ("loftq_config", {}), ("use_qalora", False)):
             if d.get(key, default) not in (default, None, {}, False, "none"):
-                raise UnsupportedError(f"adapter_config.json {key}={d[key]!r} is not supported yet")
+                raise UnsupportedError(f"adapter_config.json {key}={d[key]!r} is not supported yet: re-export the "
+                                       "adapter from PEFT without it, or merge it in PEFT (merge_and_unload) and use "
+                                       "the merged model as the base")
         init = d.get("init_lora_weights", True)
         init = init if init in (True, False, "gaussian") else True  # the saved weights overwrite the init anyway
         kw = dict(common, r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
@@ -305,15 +333,19 @@ def config_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         # the file holds the materialised prefix even when PEFT trained it with prefix_projection
         return PrefixTuningConfig(num_virtual_tokens=int(d.get("num_virtual_tokens", 20)), prefix_projection=False,
                                   modules_to_save=tuple(d.get("modules_to_save") or ()))
-    raise UnsupportedError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, IA3, PREFIX_TUNING)")
+    raise UnsupportedError(f"peft_type {peft_type!r} is not supported yet (supported: {', '.join(SUPPORTED_PEFT_TYPES)}); "
+                           "retrain with one of these methods, or merge the adapter in PEFT (merge_and_unload) and "
+                           "use the merged model as the base")
 
 
 def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.PathLike, name: str = "default",
                 rng: jax.Array | None = None) -> tuple[AdaptedModel, AdapterState]:
     """Load a PEFT adapter folder as adapter `name`: returns the model with it added and its state.
 
-    Lenient where PEFT is: target entries matching nothing are allowed, and unexpected tensors only warn;
-    a tensor missing for an adapted module raises CheckpointError.
+    Target entries matching nothing are allowed where others match (PEFT lists both 'classifier' and 'score', and
+    generic names), but stricter than PEFT's warnings otherwise: targets that select no module of this model, a
+    tensor missing for an adapted module, a tensor of the wrong shape and a tensor no module uses all raise
+    CheckpointError (each usually means the adapter was made for another base model).
     """
     from jaxpeft.adapters.folder import read_folder
 
@@ -321,11 +353,17 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
     weights = path / "adapter_model.safetensors"
     raw, tensors = read_folder(path, "adapter_config.json", weights.name, "PEFT adapter")
     config = config_from_peft(raw)
+    made_for = _made_for(raw)
     # PEFT ignores modules_to_save entries the model lacks (it adds both 'classifier' and 'score' for SEQ_CLS)
     present = tuple(m for m in config.modules_to_save if m in frozen)
     if present != config.modules_to_save:
         config = dataclasses.replace(config, modules_to_save=present)
-    model = model.add(name, config, strict=False)
+    try:
+        model = model.add(name, config, strict=False)
+    except AdapterError as e:
+        arch = model.model_cfg.arch if model.model_cfg is not None else "this"
+        raise CheckpointError(f"{path}: this PEFT adapter does not fit this {arch} model, it was made for another "
+                              f"architecture{made_for}: load it on the base model it was trained on ({e})") from e
     state = model.init(rng if rng is not None else jax.random.key(0), frozen, names=[name])
     used: set[str] = set()
     spec = model.spec(name)
@@ -353,7 +391,10 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
                 target_shape = value.shape[1:] if t.layered else value.shape
                 if w.shape != target_shape:
                     raise CheckpointError(f"{weights}: {key} has shape {tensors[key].shape}, expected the "
-                                          f"transpose of {target_shape}")
+                                          f"transpose of {target_shape}: the adapter was made for a base model "
+                                          f"of other sizes{made_for}, or its weights and adapter_config.json (r="
+                                          f"{raw.get('r')}) come from different saves; load it on its own base "
+                                          "model, with the config saved with these weights")
                 if t.layered:
                     value[layer] = w
                 else:
@@ -385,11 +426,24 @@ def import_peft(model: AdaptedModel, frozen: Mapping[str, Any], path: str | os.P
         state["trainable"][name]["saved"] = unflatten_params(flat)
     if missing:
         raise CheckpointError(f"{weights}: missing tensors for adapted modules: {missing[:10]}"
-                              + (f" ... ({len(missing)} in all)" if len(missing) > 10 else ""))
+                              + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+                              + f"; the file is incomplete, or the adapter was made for another model{made_for}: "
+                              "load it on its own base model, or export the adapter again")
     unexpected = sorted(set(tensors) - used)
     if unexpected:
-        warnings.warn(f"{weights}: {len(unexpected)} tensors were not used: {unexpected[:5]}")
+        raise CheckpointError(f"{weights}: {len(unexpected)} tensors match no module this adapter's "
+                              f"adapter_config.json selects on this model: {unexpected[:5]}"
+                              + (" ..." if len(unexpected) > 5 else "")
+                              + f"; the adapter was made for another model{made_for}, or its config and weights "
+                              "come from different saves: load it on its own base model, with the config saved "
+                              "with these weights")
     return model, state
+
+
+def _made_for(raw: Mapping[str, Any]) -> str:
+    """' (base_model_name_or_path=...)' from an adapter_config.json dict, or '' when it names none."""
+    base = raw.get("base_model_name_or_path")
+    return f" (base_model_name_or_path={base!r})" if base else ""
 
 
 def _import_prefix(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
@@ -401,14 +455,18 @@ def _import_prefix(model: AdaptedModel, raw: Mapping[str, Any], tensors: Mapping
     for key, value in expect.items():
         if key in raw and raw[key] != value:
             raise CheckpointError(f"adapter_config.json {key}={raw[key]} but this model has {value}: the adapter was "
-                                  "made for a different base model")
+                                  f"made for a different base model{_made_for(raw)}; load it on that base model")
     if "prompt_embeddings" not in tensors:
-        raise CheckpointError(f"{weights}: no 'prompt_embeddings' tensor (a PREFIX_TUNING adapter file holds it)")
+        raise CheckpointError(f"{weights}: no 'prompt_embeddings' tensor (a PREFIX_TUNING adapter file holds it); "
+                              "the file is incomplete or not the one saved with this adapter_config.json: export "
+                              "the adapter again")
     emb = np.asarray(tensors["prompt_embeddings"], np.float32)
     l, n, h, d = raw.get("num_virtual_tokens", 20), site.num_layers, site.num_kv_heads, site.head_dim
     if emb.shape != (l, 2 * n * h * d):
         raise CheckpointError(f"{weights}: prompt_embeddings has shape {emb.shape}, expected {(l, 2 * n * h * d)} "
-                              f"(num_virtual_tokens x 2 * layers * kv heads * head dim)")
+                              f"(num_virtual_tokens x 2 * layers * kv heads * head dim): the adapter was made for "
+                              f"another base model{_made_for(raw)}, or its config and weights come from different "
+                              "saves")
     kv = emb.reshape(l, n, 2, h, d).transpose(1, 2, 0, 3, 4)
     node = get_path(state["trainable"][name]["modules"], site.flax_module)
     node["prefix_k"], node["prefix_v"] = jnp.asarray(kv[:, 0]), jnp.asarray(kv[:, 1])

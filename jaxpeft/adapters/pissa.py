@@ -18,12 +18,16 @@ from jaxpeft.adapters.method import low_rank, register
 from jaxpeft.adapters.svd import check_rank, randomized_svd_f32, svd_f32
 
 
+MAX_NITER = 64
+"""The most randomized-SVD subspace iterations PissaConfig accepts (each is unrolled into the traced init)."""
+
+
 @dataclass(frozen=True)
 class PissaConfig(LoraConfig):
     """LoRA's fields; init_lora_weights is replaced by the SVD init.
 
     niter: None = exact SVD (PEFT init_lora_weights='pissa'); k = randomized SVD with k subspace iterations
-    (PEFT 'pissa_niter_k'), much faster on large weights and close to exact for k >= 4.
+    (PEFT 'pissa_niter_k', 0 <= k <= 64), much faster on large weights and close to exact for k >= 4.
     """
 
     niter: int | None = None
@@ -31,8 +35,10 @@ class PissaConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "method", "pissa")
-        if self.niter is not None and self.niter < 0:
-            raise AdapterError(f"niter={self.niter}: the number of subspace iterations must be >= 0 (or null: exact)")
+        if self.niter is not None and not 0 <= self.niter <= MAX_NITER:
+            raise AdapterError(f"niter={self.niter}: the number of subspace iterations must be in [0, {MAX_NITER}] "
+                               "(the iterations are unrolled into the init program; a few, e.g. 4, come close to the "
+                               "exact SVD); null: the exact SVD")
 
 
 class ResidualLoRA(Lora):

@@ -17,7 +17,8 @@ def check_rank(method: str, r: int, kernel: jax.Array) -> None:
     """A clear error when a method takes r singular directions of a weight that has fewer than r."""
     n_in, n_out = kernel.shape
     if r > min(n_in, n_out):
-        raise AdapterError(f"{method} needs r <= min(n_in, n_out): r={r} on a {n_in}x{n_out} weight")
+        raise AdapterError(f"{method} needs r <= min(n_in, n_out): r={r} on a {n_in}x{n_out} weight; lower adapter.r "
+                           "or exclude this module")
 
 
 def svd_f32(kernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -137,7 +137,7 @@ def resolve_targets(mods: tuple[DenseModule, ...], targets: str | tuple[str, ...
         for entry in entries:
             spec = entry if isinstance(targets, str) else (entry,)
             if not any(matches(spec, n) for n in all_names):
-                raise AdapterError(_no_match_message(entry, all_names))
+                raise AdapterError(_no_match_message(entry, all_names, regex=isinstance(targets, str)))
     out = []
     for m in mods:
         chosen, opts = [], []
@@ -169,7 +169,11 @@ def _examples(names: list[str]) -> str:
     return ", ".join(layer0[:12])
 
 
-def _no_match_message(entry: str, names: list[str]) -> str:
+def _no_match_message(entry: str, names: list[str], regex: bool = False) -> str:
+    if regex:
+        return (f"target_modules={entry!r} is one regex string, matched against whole module paths, and matches "
+                f"none (paths look like {_examples(names)}); for suffix matching write a list instead, e.g. "
+                f"target_modules: [{entry}]")
     suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)
                        if len(n.split(".")) >= k and not n.split(".")[-k].isdigit()})
     close = difflib.get_close_matches(entry, suffixes, n=5, cutoff=0.5)

@@ -62,7 +62,8 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: not a valid safetensors file ({e}); it is truncated or corrupt: "
                               "download or save it again") from e
     except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: file not found (listed by the checkpoint index)") from e
+        raise CheckpointError(f"{path}: file not found (listed by the checkpoint index); the checkpoint folder is "
+                              "incomplete: download or save it again") from e
 
 
 def read_safetensors(path: str | os.PathLike) -> SafetensorsReader:
@@ -75,7 +76,8 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsReader:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed safetensors index ({e})") from e
+            raise CheckpointError(f"{index}: malformed safetensors index ({e}); the checkpoint folder is corrupt: "
+                                  "download or save it again") from e
         return SafetensorsReader({k: path / f for k, f in weight_map.items()})
     single = path / "model.safetensors"
     if single.exists():
@@ -97,7 +99,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from e
+        raise CheckpointError(f"{cfg}: invalid JSON ({e}); the checkpoint folder is corrupt: download or save it "
+                              "again") from e
 
 
 Getter = Callable[[str], Any]

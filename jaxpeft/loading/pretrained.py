@@ -17,7 +17,8 @@ from jaxpeft.loading.convert import hf_to_params
 from jaxpeft.loading.errors import CheckpointError
 from jaxpeft.loading.hf_folder import read_config, read_safetensors
 from jaxpeft.loading.tokenizer import TextTokenizer, tokenizer_from_folder
-from jaxpeft.models.config import ModelConfig
+from jaxpeft.errors import ModelConfigError
+from jaxpeft.models.config import ENCODER_ARCHS, ModelConfig
 from jaxpeft.models.registry import build_model
 from jaxpeft.parallel import place_host, sharding_for
 
@@ -76,6 +77,10 @@ def load_pretrained(path_or_name: str | os.PathLike, *, task: str = "causal_lm",
         keys, get = reader.keys, reader.get
         tokenizer = tokenizer_from_folder(path, hf_config)
     cfg = ModelConfig.from_hf(hf_config, **overrides)
+    if cfg.arch in ENCODER_ARCHS and task == "causal_lm":
+        raise ModelConfigError(f"{path}: {cfg.arch} is an encoder: use task 'seq_cls', 'token_cls' or 'base', not "
+                               "'causal_lm' (model.task, or --task for jaxpeft merge); generating text needs a decoder "
+                               "checkpoint (llama, qwen2, gemma3, gpt2)")
     if cfg.arch == "bert" and task in ("base", "seq_cls"):
         has_pooler = any("pooler.dense" in k for k in keys)
         if task == "base" and not has_pooler:
@@ -138,7 +143,8 @@ def _resolve(path_or_name: str | os.PathLike, revision: str | None) -> Path:
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _from_hub(name, revision)
     raise CheckpointError(f"{name!r}: no such file or folder, not a jaxpeft asset "
-                          f"({', '.join(sorted(assets.ASSETS))}) and not a hub id of the form 'org/name'")
+                          f"({', '.join(sorted(assets.ASSETS))}) and not a hub id of the form 'org/name'; check the "
+                          "path (relative paths start at the working directory), or pass one of those asset names")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:

@@ -226,7 +226,8 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
                    intermediate_size=hf.get("n_inner") or 4 * d, max_position_embeddings=hf["n_positions"],
                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), hidden_act=_act(hf.get("activation_function", "gelu_new")),
                    tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                   hidden_dropout=hf.get("resid_pdrop", 0.0), attention_dropout=hf.get("attn_pdrop", 0.0))
+                   hidden_dropout=hf.get("resid_pdrop", 0.0), attention_dropout=hf.get("attn_pdrop", 0.0),
+                   classifier_dropout=_gpt2_classifier_dropout(hf))
         for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(k):
                 raise UnsupportedError(f"gpt2 {k}=True is not supported")
@@ -248,6 +249,15 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
     out.update(common)
     out["extra"] = {k: v for k, v in hf.items() if k not in known}
     return out
+
+
+def _gpt2_classifier_dropout(hf: dict[str, Any]) -> float:
+    """GPT2ForTokenClassification's dropout rate before `classifier`: `classifier_dropout`, else a
+    `hidden_dropout` entry, else 0.1 (not resid_pdrop / summary_first_dropout)."""
+    for k in ("classifier_dropout", "hidden_dropout"):
+        if hf.get(k) is not None:
+            return float(hf[k])
+    return 0.1
 
 
 def _ids(v: Any) -> int | tuple[int, ...] | None:

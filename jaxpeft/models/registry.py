@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from jaxpeft.errors import ModelConfigError
 from jaxpeft.models.config import DECODER_ARCHS, ENCODER_ARCHS, ModelConfig
 
 TASKS = ("causal_lm", "seq_cls", "token_cls", "base")
@@ -15,7 +16,7 @@ def build_model(cfg: ModelConfig, task: str = "causal_lm") -> nn.Module:
     ModelOutput; decoders also take `cache=` and expose `hidden_states` and `head` methods.
     """
     if task not in TASKS:
-        raise ValueError(f"task={task!r} is not supported; choose one of {TASKS}")
+        raise ModelConfigError(f"task={task!r} is not supported; choose one of {TASKS}")
     if cfg.arch in DECODER_ARCHS:
         from jaxpeft.models.decoder import DecoderModel
         return DecoderModel(cfg, task)
@@ -24,7 +25,7 @@ def build_model(cfg: ModelConfig, task: str = "causal_lm") -> nn.Module:
         return GPT2Model(cfg, task)
     if cfg.arch in ENCODER_ARCHS:
         if task == "causal_lm":
-            raise ValueError(f"{cfg.arch} is an encoder: use task 'seq_cls', 'token_cls' or 'base', not 'causal_lm'")
+            raise ModelConfigError(f"{cfg.arch} is an encoder: use task 'seq_cls', 'token_cls' or 'base', not 'causal_lm'")
         from jaxpeft.models.encoder import EncoderModel
         return EncoderModel(cfg, task)
-    raise ValueError(f"unsupported arch {cfg.arch!r}")
+    raise ModelConfigError(f"unsupported arch {cfg.arch!r}")

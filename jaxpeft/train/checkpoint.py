@@ -5,12 +5,16 @@ restore. May import orbax, jax, numpy, jaxpeft.loading.errors and jaxpeft.faults
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import jax
@@ -206,6 +210,44 @@ def _json_number(name: str, v: Any) -> float | int | bool:
         return float(np.asarray(jax.device_get(v)).item())
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise TypeError(f"metrics[{name!r}] must be a number, got {type(v).__name__}") from e
+
+
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _install_closed_loop_filter() -> None:
+    """Orbax/TensorStore coroutines of a failed restore can be collected later, after their event loop closed; Python
+    then prints "Exception ignored in <coroutine ...> RuntimeError: Event loop is closed" with a traceback. That
+    one message (only it) is dropped; every other unraisable or thread error still goes to the previous hooks."""
+    old_unraisable, old_thread = sys.unraisablehook, threading.excepthook
+
+    def unraisable(u: Any) -> None:
+        if not _is_closed_loop_noise(u.exc_value):
+            old_unraisable(u)
+
+    def thread(a: Any) -> None:
+        if not _is_closed_loop_noise(a.exc_value):
+            old_thread(a)
+
+    sys.unraisablehook, threading.excepthook = unraisable, thread
+
+
+_install_closed_loop_filter()
+
+
+@contextlib.contextmanager
+def _quiet_background_errors() -> Iterator[None]:
+    """While restoring a damaged step, Orbax/TensorStore's background tasks may die after the error that is raised
+    (and reported) here; keep their tracebacks ("Exception ignored in <coroutine>", "Event loop is closed") off
+    stderr."""
+    old_unraisable, old_thread = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda hook_args: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook, threading.excepthook = old_unraisable, old_thread
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,9 +500,11 @@ class RunCheckpointer:
     def _corrupt(self, step: int, what: str, cause: BaseException | None = None) -> CheckpointError:
         older = [s for s in self.all_steps() if s < step]
         hint = (
-            f"restore an older step instead, e.g. restore(step={older[-1]}) (committed older steps: {older})"
+            f"use an older step instead (`--step {older[-1]}` for jaxpeft eval/export, restore(step={older[-1]}) from "
+            f"Python; committed older steps: {older}), or delete step {step} so that a resumed run starts from "
+            f"step {older[-1]}"
             if older
-            else "no older committed step exists in this directory; restart the run from scratch"
+            else "no older committed step exists in this directory; delete it and restart the run from scratch"
         )
         detail = ""
         if cause is not None:  # TensorStore errors embed a full JSON spec: keep the first line, bounded
@@ -505,7 +549,8 @@ class RunCheckpointer:
             self._check_like(step, record, name, like)
         args = ocp.args.Composite(**{n: ocp.args.StandardRestore(_abstract(like)) for n, like in likes.items()})
         try:
-            restored = self._mngr.restore(step, args=args)
+            with _quiet_background_errors():
+                restored = self._mngr.restore(step, args=args)
             out = {n: restored[n] for n in likes}
         except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types for damaged files
             raise self._corrupt(step, f"cannot read {'/'.join(likes)}", e) from e

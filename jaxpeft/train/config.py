@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from jaxpeft.errors import JaxpeftError
 
@@ -23,9 +23,16 @@ class ConfigError(JaxpeftError, ValueError):
     """A bad run configuration; the message names the key and the fix."""
 
 
+def _int32(v: int) -> int:
+    if not -2 ** 31 <= v < 2 ** 31:
+        raise ValueError(f"{v} does not fit a 32-bit integer (JAX's default for steps, sizes and seeds)")
+    return v
+
+
 # integers and booleans are checked strictly (`steps: true` or `steps: "5"` is an error, as in the adapter
-# section); floats stay lax so YAML's `1e-3` (a string to YAML 1.1) still reads as a number
-Int = Annotated[int, Field(strict=True)]
+# section), integers must fit JAX's default int32 (steps, sizes and seeds end up in int32 counters); floats stay
+# lax so YAML's `1e-3` (a string to YAML 1.1) still reads as a number
+Int = Annotated[int, Field(strict=True), AfterValidator(_int32)]
 Bool = Annotated[bool, Field(strict=True)]
 
 
@@ -39,12 +46,27 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes the strings _YamlLoader would read as floats ('1e-3'), so dumped configs reload."""
+
+
+_YamlDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested deeper than Python's recursion limit") from None
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, use_attribute_docstrings=True)
+    # numbers must be finite: YAML's .inf / .nan are never a sensible learning rate, norm or threshold
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -211,7 +233,7 @@ class TrainSection(_Section):
     """Rows per optimizer step, over all devices and processes."""
     grad_accum: Int = Field(default=1, gt=0)
     """Micro-batches per optimizer step (each micro-batch holds batch_size // grad_accum rows)."""
-    seed: Int = 0
+    seed: Int = Field(default=0, ge=0)
     """Seeds the adapter init, the data order and dropout: the same seed and config give the same run."""
     loss_chunk: Int | None = Field(default=None, gt=0)
     """Causal LM: run the LM head and cross-entropy this many scored positions at a time (recomputed in the
@@ -236,6 +258,9 @@ class TrainSection(_Section):
     """Evaluate at step 0 too (metrics_before), so the run shows what training changed."""
     resume: Bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
+    allow_config_change: Bool = False
+    """Resume even though output_dir's config.yaml trained its checkpoints under other settings (lr, steps, data,
+    adapter, ...); by default that is an error naming the keys that differ."""
     prefetch: Int = Field(default=2, ge=0)
     """Training batches collated ahead in a background thread while the step runs (0: collate in line)."""
     compilation_cache_dir: str | None = None
@@ -338,27 +363,46 @@ def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str]
     values.
     """
     if isinstance(source, dict):
-        raw = _deep_copy(source)
+        try:
+            raw = _deep_copy(source)
+        except RecursionError:
+            raise ConfigError("the config nests too deeply or contains itself") from None
     else:
         path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"{path}: config file not found")
         try:
-            raw = _yaml(path.read_text()) or {}
+            if not path.exists():
+                raise ConfigError(f"{path}: config file not found: check the path (e.g. configs/quickstart.yaml)")
+            if path.is_dir():
+                raise ConfigError(f"{path}: is a folder; give the run config's YAML file")
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e}); give the run config's YAML file") from e
+        except OSError as e:  # unreadable, a name too long, ...
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from e
+        try:
+            raw = _yaml(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+            raise ConfigError(f"{path}: invalid YAML ({e}); fix the syntax at the line shown") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
         key, value = item.split("=", 1)
-        _set(raw, key.strip(), _yaml(value))
+        try:
+            parsed = _yaml(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())}); write a YAML "
+                              "value (quote a string that contains YAML syntax: --set 'KEY=\"[text\"')") from e
+        _set(raw, key.strip(), parsed)
     try:
         cfg = RunConfig.model_validate(raw)
+        cfg.adapter_config()  # validate the adapter section now, not at step 0
     except ValidationError as e:
         raise ConfigError(_pretty(e)) from None
-    cfg.adapter_config()  # validate the adapter section now, not at step 0
+    except RecursionError:  # a YAML alias inside its own anchor (`adapter: &a {inner: *a}`)
+        raise ConfigError("the config nests too deeply or contains itself (a YAML alias inside its own anchor?)") \
+            from None
     return cfg
 
 
@@ -407,4 +451,4 @@ def _deep_copy(d: Any) -> Any:
 
 def dump_config(cfg: RunConfig) -> str:
     """YAML text of a config (written into each run directory)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)
+    return yaml.dump(cfg.model_dump(mode="json", exclude_none=False), Dumper=_YamlDumper, sort_keys=False)

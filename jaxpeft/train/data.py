@@ -44,26 +44,62 @@ def load_split(section: DataSection, split: str, max_rows: int | None = None) ->
         if path.is_dir():
             files = [path / f"{split}{ext}" for ext in _FORMATS if (path / f"{split}{ext}").exists()]
             if not files:
-                raise DataError(f"{path}: no {split}.jsonl/.json/.csv/.parquet file for split {split!r}")
+                have = sorted(p.name for p in path.iterdir() if p.suffix in _FORMATS)
+                raise DataError(f"{path}: no {split}.jsonl/.json/.csv/.parquet file for split {split!r} (the folder "
+                                f"has {have or 'no data files'}): add that file, or point data.train_split / "
+                                "data.eval_split at a split the folder has")
             file = files[0]
+        if file.stat().st_size == 0:
+            raise DataError(f"{file}: split {split!r} is empty (the file has no rows): add rows, or point data.path "
+                            "at a folder whose split files hold data")
         try:
             ds = datasets.load_dataset(_FORMATS[file.suffix], data_files={split: str(file)}, split=split)
-        except (StopIteration, ValueError) as e:  # what `datasets` raises for a file without rows
-            raise DataError(f"{file}: split {split!r} is empty or unreadable ({type(e).__name__}: {e})") from e
+        except Exception as e:  # noqa: BLE001 - `datasets` raises StopIteration, ValueError, DatasetGenerationError...
+            raise DataError(_unreadable(file, split, e)) from e
         where = str(file)
     else:
         try:
             ds = datasets.load_dataset(section.path, split=split)
         except Exception as e:  # hub errors, offline mode, unknown names: one clear message
             raise DataError(f"data.path={section.path!r}: not a local folder/file and not loadable as a "
-                            f"`datasets` name ({type(e).__name__}: {e})") from e
+                            f"`datasets` name ({type(e).__name__}: {e}); check the path (relative paths start at the "
+                            "working directory), or use bundled:NAME, tfds:NAME or a reachable hub dataset") from e
         where = f"{section.path}[{split}]"
     if max_rows is not None:
         ds = ds.select(range(min(max_rows, len(ds))))
     rows = ds.to_list()
     if not rows:
-        raise DataError(f"{where}: split {split!r} is empty")
+        key = "eval_split" if split == section.eval_split else "train_split"
+        raise DataError(f"{where}: split {split!r} is empty: add rows, or point data.path / data.{key} at a split "
+                        "that holds data")
     return rows
+
+
+def _unreadable(file: Path, split: str, error: BaseException) -> str:
+    """The DataError message for a data file `datasets` could not read: for JSON Lines, the first bad line."""
+    cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if file.suffix == ".jsonl":
+        import json
+
+        rows = 0
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    return (f"{file}: line {number} is not valid JSON ({e}): fix or remove that line (JSON Lines: "
+                            "one JSON object per line)")
+                if not isinstance(value, dict):
+                    return (f"{file}: line {number} is a JSON {type(value).__name__}, not an object: every line must "
+                            "be one JSON object such as {\"prompt\": ..., \"response\": ...}")
+        if not rows:
+            return f"{file}: split {split!r} is empty (the file has no rows): add rows, or point data.path at a " \
+                   "folder whose split files hold data"
+    return (f"{file}: split {split!r} is empty or unreadable ({cause}); check the file (rows with the same fields "
+            "and types, one per line), or export it again")
 
 
 def data_folder(path: str) -> str:
@@ -155,7 +191,8 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
             return b
-    raise DataError(f"a row of {n} tokens is longer than the largest bucket {buckets[-1]}")
+    raise DataError(f"a row of {n} tokens is longer than the largest bucket {buckets[-1]}: add a bucket >= "
+                    "data.max_length to data.buckets (or use buckets: auto)")
 
 
 def collate(examples: Sequence[Example], buckets: Sequence[int], pad_id: int, batch_size: int | None = None

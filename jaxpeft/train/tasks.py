@@ -39,6 +39,30 @@ def _field(row: dict[str, Any], name: str, row_index: int, key: str) -> Any:
     return row[name]
 
 
+def _text(row: dict[str, Any], name: str, row_index: int, key: str) -> str:
+    """row[name] as a text (DataError naming the field when it is missing or not a string)."""
+    value = _field(row, name, row_index, key)
+    if not isinstance(value, str):
+        raise DataError(f"row {row_index}: field {name!r} holds {_short(value)} ({type(value).__name__}), not a "
+                        f"text: make it a string in the data, or set data.{key} to the field that holds the text")
+    return value
+
+
+def _words(row: dict[str, Any], name: str, row_index: int, key: str) -> list[Any]:
+    """row[name] as a list (DataError naming the field when it is missing or not a list)."""
+    value = _field(row, name, row_index, key)
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"row {row_index}: field {name!r} holds {_short(value)} ({type(value).__name__}), not a "
+                        f"list: token classification reads one list entry per word (e.g. [\"John\", \"lives\"]); "
+                        f"fix the data, or set data.{key}")
+    return list(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 Scored = tuple[float, float, dict[str, np.ndarray], dict[str, np.ndarray]]
 """One evaluation batch: (loss sum, weight, per-row outputs as numpy, the host batch)."""
 
@@ -111,7 +135,7 @@ class CausalLMTask(Task):
 
     def prompt_text(self, row: dict[str, Any], index: int) -> str:
         """The row's prompt, inside the tokenizer's chat template when data.prompt_format is 'chat'."""
-        prompt = _field(row, self.cfg.data.prompt_field, index, "prompt_field")
+        prompt = _text(row, self.cfg.data.prompt_field, index, "prompt_field")
         if self.cfg.data.prompt_format == "chat":
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return prompt
@@ -226,10 +250,16 @@ class MultipleChoiceTask(CausalLMTask):
 
     def answer(self, row: dict[str, Any], index: int) -> int:
         """The index of the row's correct choice (DataError when it is out of range)."""
-        ans = int(_field(row, self.cfg.data.answer_field, index, "answer_field"))
-        n = len(row[self.cfg.data.choices_field])
+        ans = _field(row, self.cfg.data.answer_field, index, "answer_field")
+        if isinstance(ans, str) and ans.strip().isdigit() or isinstance(ans, float) and ans.is_integer():
+            ans = int(ans)
+        if isinstance(ans, bool) or not isinstance(ans, (int, np.integer)):
+            raise DataError(f"row {index}: answer index {_short(ans)} ({type(ans).__name__}) is not an integer: "
+                            f"make {self.cfg.data.answer_field!r} the 0-based index of the correct choice")
+        n = len(_words(row, self.cfg.data.choices_field, index, "choices_field"))
         if not 0 <= ans < n:
-            raise DataError(f"row {index}: answer index {ans} is out of range for {n} choices")
+            raise DataError(f"row {index}: answer index {ans} is out of range for {n} choices: use the 0-based "
+                            "index of the correct choice, or fix the row's choices")
         return ans
 
 
@@ -237,8 +267,10 @@ class SeqClsTask(Task):
     """Sequence (pair) classification; decoders pool the last non-pad token, encoders use their head."""
 
     def encode(self, row, index):
-        text = _field(row, self.cfg.data.text_field, index, "text_field")
+        text = _text(row, self.cfg.data.text_field, index, "text_field")
         pair = row.get(self.cfg.data.text_pair_field) if self.cfg.data.text_pair_field else None
+        if pair is not None:
+            pair = _text(row, self.cfg.data.text_pair_field, index, "text_pair_field")
         enc = self.tokenizer.tokenizer.encode(text, pair) if pair is not None else self.tokenizer.tokenizer.encode(text)
         ids, types = enc.ids, enc.type_ids
         if len(ids) > self.cfg.data.max_length:
@@ -248,11 +280,20 @@ class SeqClsTask(Task):
         label = _field(row, self.cfg.data.label_field, index, "label_field")
         if isinstance(label, str):
             if label not in (self.labels or ()):
-                raise DataError(f"row {index}: label {label!r} is not one of {self.labels}")
+                raise DataError(f"row {index}: label {label!r} is not one of {self.labels}: add it to data.labels "
+                                "(or labels.json), or fix the row")
             label = self.labels.index(label)
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise DataError(f"row {index}: label {_short(label)} ({type(label).__name__}) is neither a label name nor "
+                            f"an index; a label is a name from data.labels {self.labels} or its index: fix the row, "
+                            "or set data.label_field")
         n = len(self.labels) if self.labels else None
         if n is not None and not 0 <= int(label) < n:
-            raise DataError(f"row {index}: label {label} is out of range for {n} labels {self.labels}")
+            raise DataError(f"row {index}: label {label} is out of range for {n} labels {self.labels}: labels are "
+                            f"indices 0..{n - 1} into data.labels (or labels.json); add the missing label names, or "
+                            "fix the row")
         ex: Example = {"input_ids": ids, "label": int(label)}
         if any(types):
             ex["token_type_ids"] = types
@@ -273,10 +314,14 @@ class TokenClsTask(Task):
     """BIO NER: the label of each word sits on its first sub-token; other sub-tokens are ignored (-100)."""
 
     def encode(self, row, index):
-        words = _field(row, self.cfg.data.tokens_field, index, "tokens_field")
-        tags = _field(row, self.cfg.data.tags_field, index, "tags_field")
+        words = _words(row, self.cfg.data.tokens_field, index, "tokens_field")
+        tags = _words(row, self.cfg.data.tags_field, index, "tags_field")
+        if not all(isinstance(w, str) for w in words):
+            raise DataError(f"row {index}: field {self.cfg.data.tokens_field!r} holds non-text entries "
+                            f"({_short(words)}): every word must be a string; fix the row")
         if len(words) != len(tags):
-            raise DataError(f"row {index}: {len(words)} tokens but {len(tags)} tags")
+            raise DataError(f"row {index}: {len(words)} tokens but {len(tags)} tags: give one tag per word; fix the "
+                            "row")
         enc = self.tokenizer.tokenizer.encode(words, is_pretokenized=True)
         labels, seen = [], set()
         for wid in enc.word_ids:
@@ -286,7 +331,8 @@ class TokenClsTask(Task):
                 seen.add(wid)
                 tag = tags[wid]
                 if tag not in self.labels:
-                    raise DataError(f"row {index}: tag {tag!r} is not in the label set {self.labels}")
+                    raise DataError(f"row {index}: tag {tag!r} is not in the label set {self.labels}: add it to "
+                                    "data.labels (or labels.json), or fix the row")
                 labels.append(self.labels.index(tag))
         ids = enc.ids
         if len(ids) > self.cfg.data.max_length:

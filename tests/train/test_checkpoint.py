@@ -272,7 +272,7 @@ def test_corrupt_checkpoint_raises_naming_step_and_older_step_restores(tmp_path,
         with pytest.raises(CheckpointError) as ei:
             c.restore(trainable_like=fresh, opt_state_like=opt.init(fresh))
         msg = str(ei.value)
-        assert "step 2" in msg and os.path.join(str(tmp_path), "2") in msg and "restore(step=1)" in msg
+        assert "step 2" in msg and os.path.join(str(tmp_path), "2") in msg and "restore(step=1)" in msg and "--step 1" in msg
         p, s, m = c.restore(1, trainable_like=fresh, opt_state_like=opt.init(fresh))
     assert m["e"] == 1
     assert_bit_identical(p, params)
