@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,9 +112,17 @@ def train(config: Path, env: dict, log: Path, fault: str | None = None, timeout:
     return proc.returncode, log.read_text()
 
 
+_INSPECT = threading.Lock()  # `datasets` (its tqdm lock) is not safe to load from two threads at once
+
+
 def inspect(config: Path) -> tuple[list[int], int, int, str]:
     """(committed steps, leftover temporary folders, unreadable folders under a final name, notes) of a run
     folder: each checkpoint restores with matching digests, an adapter folder loads and holds its three files."""
+    with _INSPECT:
+        return _inspect(config)
+
+
+def _inspect(config: Path) -> tuple[list[int], int, int, str]:
     from jaxpeft.adapters import AdaptedModel
     from jaxpeft.adapters.native_io import load_any
     from jaxpeft.train.config import load_config
