@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxpeft.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, JaxpeftError, TrainingPreempted
 
     args = build_parser().parse_args(argv)
+    _drop_orbax_read_noise()
     try:
         return args.func(args)
     except TrainingPreempted as e:
@@ -258,6 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, JaxpeftError):
             print("(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _drop_orbax_read_noise() -> None:
+    """When a restore of a damaged checkpoint fails, Orbax's other read coroutines are collected later with the same
+    error pending (or after their event loop closed) and Python prints "Exception ignored in <coroutine ...>" with a
+    traceback after our one-line error. This process-wide filter (installed once) drops exactly those; every other
+    unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxpeft_filter", False):
+        return
+
+    def hook(u) -> None:
+        code = getattr(u.object, "cr_code", None)
+        closed = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        if not (closed or (code is not None and "orbax" in code.co_filename)):
+            previous(u)
+
+    hook._jaxpeft_filter = True
+    sys.unraisablehook = hook
 
 
 def _user_message(e: BaseException) -> str:

@@ -212,30 +212,6 @@ def _json_number(name: str, v: Any) -> float | int | bool:
         raise TypeError(f"metrics[{name!r}] must be a number, got {type(v).__name__}") from e
 
 
-def _is_closed_loop_noise(exc: BaseException | None) -> bool:
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
-
-def _install_closed_loop_filter() -> None:
-    """Orbax/TensorStore coroutines of a failed restore can be collected later, after their event loop closed; Python
-    then prints "Exception ignored in <coroutine ...> RuntimeError: Event loop is closed" with a traceback. That
-    one message (only it) is dropped; every other unraisable or thread error still goes to the previous hooks."""
-    old_unraisable, old_thread = sys.unraisablehook, threading.excepthook
-
-    def unraisable(u: Any) -> None:
-        if not _is_closed_loop_noise(u.exc_value):
-            old_unraisable(u)
-
-    def thread(a: Any) -> None:
-        if not _is_closed_loop_noise(a.exc_value):
-            old_thread(a)
-
-    sys.unraisablehook, threading.excepthook = unraisable, thread
-
-
-_install_closed_loop_filter()
-
-
 @contextlib.contextmanager
 def _quiet_background_errors() -> Iterator[None]:
     """While restoring a damaged step, Orbax/TensorStore's background tasks may die after the error that is raised
