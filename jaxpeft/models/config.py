@@ -194,6 +194,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> dict[str, Any]:
             norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=_act(act),
             tie_word_embeddings=hf.get("tie_word_embeddings", mt != "qwen2"),
             attention_dropout=hf.get("attention_dropout", 0.0) or 0.0,
+            classifier_dropout=_gpt2_classifier_dropout(hf),
         )
         if mt == "llama":
             out.update(qkv_bias=hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False),

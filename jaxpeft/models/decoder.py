@@ -129,6 +129,8 @@ class DecoderModel(nn.Module):
             self.lm_head = Dense(cfg.vocab_size, False, ("embed", "vocab"), **dt)
         if self.task in ("seq_cls", "token_cls"):  # HF: seq_cls score has no bias, token_cls score has one
             self.score = Dense(cfg.num_labels, self.task == "token_cls", ("embed", "labels"), **dt)
+        if self.task == "token_cls":  # HF GenericForTokenClassification: dropout before `score`
+            self.score_drop = nn.Dropout(classifier_dropout_rate(cfg))
         self.layers = layer_stack(DecoderBlock, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat)(cfg)
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
@@ -146,7 +148,8 @@ class DecoderModel(nn.Module):
                                                cache=cache, position_offset_b=position_offset_b,
                                                prompt_mask_bt=prompt_mask_bt, deterministic=deterministic)
         mask = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt
-        return ModelOutput(logits=self.head(hidden, mask), hidden=hidden, cache=new_cache)
+        return ModelOutput(logits=self.head(hidden, mask, deterministic=deterministic), hidden=hidden,
+                           cache=new_cache)
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache=None,
                       position_offset_b=None, prompt_mask_bt=None, deterministic=True):
@@ -174,8 +177,10 @@ class DecoderModel(nn.Module):
         new_cache = None if cache is None else cache.updated(ys, cache_fields)
         return self.norm(x), new_cache
 
-    def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None) -> jax.Array | None:
-        """Task head on final hidden states: (B, T, D) -> float32 logits (None for task='base')."""
+    def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None, *,
+             deterministic: bool = True) -> jax.Array | None:
+        """Task head on final hidden states: (B, T, D) -> float32 logits (None for task='base'). token_cls applies
+        HF's classifier dropout (`classifier_dropout_rate`) to the hidden states first when not deterministic."""
         if self.task == "causal_lm":
             if self.cfg.tie_word_embeddings:
                 return self.embed_tokens.attend(hidden_btd).astype(jnp.float32)
@@ -183,5 +188,12 @@ class DecoderModel(nn.Module):
         if self.task == "seq_cls":
             return self.score(last_token_pool(hidden_btd, attention_mask_bt)).astype(jnp.float32)
         if self.task == "token_cls":
-            return self.score(hidden_btd).astype(jnp.float32)
+            return self.score(self.score_drop(hidden_btd, deterministic=deterministic)).astype(jnp.float32)
         return None
+
+
+def classifier_dropout_rate(cfg: ModelConfig) -> float:
+    """The token_cls head's dropout rate, as HF's GPT2ForTokenClassification and GenericForTokenClassification
+    (llama, qwen2, gemma3): cfg.classifier_dropout (from_hf fills it from HF's `classifier_dropout`, else
+    `hidden_dropout`), else HF's default 0.1 (never resid_pdrop)."""
+    return 0.1 if cfg.classifier_dropout is None else cfg.classifier_dropout

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxpeft.models.attention import PrefixHook, attach_prefix, attend, attention_mask, no_prefix_in_cache
 from jaxpeft.models.cache import KVCache, layer_prefix_state, step_inputs, write_kv
 from jaxpeft.models.config import ModelConfig
-from jaxpeft.models.decoder import _dtypes
+from jaxpeft.models.decoder import _dtypes, classifier_dropout_rate
 from jaxpeft.models.heads import last_token_pool
 from jaxpeft.models.layers import Dense, Embed, LayerNorm, activation
 from jaxpeft.models.outputs import ModelOutput
@@ -102,6 +102,7 @@ class GPT2Model(nn.Module):
         if self.task == "seq_cls":
             self.score = Dense(cfg.num_labels, False, ("embed", "labels"), **dt)
         if self.task == "token_cls":  # HF GPT2ForTokenClassification: `classifier` with bias, after dropout
+            self.classifier_drop = nn.Dropout(classifier_dropout_rate(cfg))
             self.classifier = Dense(cfg.num_labels, True, ("embed", "labels"), **dt)
 
     def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *,
@@ -113,7 +114,8 @@ class GPT2Model(nn.Module):
                                                cache=cache, position_offset_b=position_offset_b,
                                                prompt_mask_bt=prompt_mask_bt, deterministic=deterministic)
         mask = jnp.ones(input_ids_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt
-        return ModelOutput(logits=self.head(hidden, mask), hidden=hidden, cache=new_cache)
+        return ModelOutput(logits=self.head(hidden, mask, deterministic=deterministic), hidden=hidden,
+                           cache=new_cache)
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache=None,
                       position_offset_b=None, prompt_mask_bt=None, deterministic=True):
@@ -131,8 +133,10 @@ class GPT2Model(nn.Module):
         new_cache = None if cache is None else cache.updated(ys, cache_fields)
         return self.ln_f(x), new_cache
 
-    def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None) -> jax.Array | None:
-        """Task head on final hidden states -> float32 logits (None for task='base')."""
+    def head(self, hidden_btd: jax.Array, attention_mask_bt: jax.Array | None = None, *,
+             deterministic: bool = True) -> jax.Array | None:
+        """Task head on final hidden states -> float32 logits (None for task='base'). token_cls applies HF's
+        classifier dropout (`classifier_dropout_rate`) to the hidden states first when not deterministic."""
         if self.task == "causal_lm":
             if self.cfg.tie_word_embeddings:
                 return self.wte.attend(hidden_btd).astype(jnp.float32)
@@ -140,5 +144,6 @@ class GPT2Model(nn.Module):
         if self.task == "seq_cls":
             return self.score(last_token_pool(hidden_btd, attention_mask_bt)).astype(jnp.float32)
         if self.task == "token_cls":
-            return self.classifier(hidden_btd).astype(jnp.float32)
+            return self.classifier(self.classifier_drop(hidden_btd, deterministic=deterministic)).astype(jnp.float32)
         return None
+

@@ -4,7 +4,8 @@ The trap: flax's `nn.intercept_methods` is Python state read while *tracing*. En
 it is invisible to jit's cache key, so a cached trace silently keeps (or ignores) an interception. AdaptedModel
 enters it inside `apply`, i.e. inside the traced function, with `active` a static argument and
 `adapter_index` an array: every call gets the right adapters without recompiling for the index.
-References for single adapters are the merged weights run through the plain backbone (no interception at all).
+References are built by hand, independently of the library's merge: the effective kernels
+W + (lora_alpha / r) * A @ B per layer in numpy, run through the plain backbone (no interception at all).
 """
 import os
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import adapter_fixtures as af  # noqa: E402
+from jaxpeft.errors import AdapterError
 from jaxpeft.adapters import ALL, AdaptedModel, LoraConfig, drop_adapter  # noqa: E402
 from jaxpeft.adapters.merge import merge  # noqa: E402
 from jaxpeft.adapters.partition import count_parameters  # noqa: E402
@@ -29,24 +31,43 @@ B, T = 4, 9
 
 @pytest.fixture(scope="module")
 def two():
-    """Small llama (hidden 32, 2 layers) with adapters 'a' (q, v; r 4) and 'b' (k, down; r 2), both non-zero."""
+    """Small llama (hidden 32, 2 layers) with adapters 'a' (q, v; r 4, scale 2) and 'b' (k, down; r 2, scale 3),
+    both non-zero; `refs` are hand-built (see _hand_merged), not the library's merge."""
     cfg = af.small_cfg()
     params = af.random_params(cfg, "causal_lm", seed=3)
     am = (AdaptedModel.wrap(build_model(cfg))
           .add("a", LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "v_proj"), init_lora_weights=False))
-          .add("b", LoraConfig(r=2, lora_alpha=4.0, target_modules=("k_proj", "down_proj"), init_lora_weights=False)))
+          .add("b", LoraConfig(r=2, lora_alpha=6.0, target_modules=("k_proj", "down_proj"), init_lora_weights=False)))
     state = am.init(jax.random.key(3), params)
     ids = jnp.asarray(np.random.RandomState(3).randint(3, cfg.vocab_size, (B, T)), jnp.int32)
     mask = jnp.ones_like(ids)
     base = np.asarray(af.jitted_base(cfg, "causal_lm")(params, ids, mask, {}))
-    # references without any interception: merged kernels through the plain backbone
+    # references without any interception and without the library's merge: hand-built kernels, plain backbone
     refs = {}
-    for n in ("a", "b"):
-        merged, _ = merge(am, params, state, n)
-        refs[n] = np.asarray(af.jitted_base(cfg, "causal_lm")(merged, ids, mask, {}))
-    merged_ab, _ = merge(am, merge(am, params, state, "a")[0], state, "b")
-    refs[("a", "b")] = np.asarray(af.jitted_base(cfg, "causal_lm")(merged_ab, ids, mask, {}))
+    for key in ("a", "b", ("a", "b")):
+        hand = _hand_merged(params, state, (key,) if isinstance(key, str) else key)
+        refs[key] = np.asarray(af.jitted_base(cfg, "causal_lm")(hand, ids, mask, {}))
     return dict(cfg=cfg, params=params, am=am, state=state, ids=ids, mask=mask, base=base, refs=refs)
+
+
+# adapter -> (LoRA scale lora_alpha / r, the (group, module) kernels it adapts in every layer of `two`)
+_HAND = {"a": (8.0 / 4, (("self_attn", "q_proj"), ("self_attn", "v_proj"))),
+         "b": (6.0 / 2, (("self_attn", "k_proj"), ("mlp", "down_proj")))}
+
+
+def _hand_merged(params, state, names):
+    """The base params with W + (lora_alpha / r) * A @ B added by hand in float64 numpy for every adapter in
+    `names` and every layer (A (L, in, r), B (L, r, out) read from the state), cast back to float32."""
+    out = jax.tree.map(lambda x: np.array(x, np.float64), params)
+    for n in names:
+        scale, mods = _HAND[n]
+        for group, mod in mods:
+            fac = state["trainable"][n]["modules"]["layers"][group][mod]
+            a, b = np.asarray(fac["lora_A"], np.float64), np.asarray(fac["lora_B"], np.float64)
+            delta = scale * np.einsum("lir,lro->lio", a, b)
+            assert np.abs(delta).max() > 1e-2, f"{n} {mod}: a zero delta would make the reference vacuous"
+            out["layers"][group][mod]["kernel"] = out["layers"][group][mod]["kernel"] + delta
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +218,11 @@ def test_modules_to_save_checks(two):
     am = two["am"].add("h", LoraConfig(r=2, target_modules=("q_proj",), modules_to_save=("lm_head",)))
     st = jax.eval_shape(lambda fr: am.init(jax.random.key(0), fr, names=["h"]), p)
     assert set(st["trainable"]["h"]["saved"]) == {"lm_head"}
-    with pytest.raises(ValueError, match="adapter_index"):
+    with pytest.raises(AdapterError, match=r"adapter\(s\) \['h'\] train their own copy of \['lm_head'\].*"
+                                           r"per-example adapter_index.*active=NAME"):
         am.apply(p, st, two["ids"], active="h", adapter_index=jnp.zeros((B,), jnp.int32))
     bad = two["am"].add("h", LoraConfig(r=2, target_modules=("q_proj",), modules_to_save=("classifier",)))
-    with pytest.raises(ValueError, match="classifier"):
+    with pytest.raises(AdapterError, match="'classifier' is not a top-level module.*name one of those"):
         jax.eval_shape(lambda fr: bad.init(jax.random.key(0), fr, names=["h"]), p)
 
 

@@ -1,4 +1,6 @@
-"""LoRA on real SmolLM2 weights and the real arithmetic task: validation loss falls, the base stays bitwise."""
+"""LoRA on real SmolLM2 weights and the real arithmetic task: validation loss falls; the zero-initialised adapter
+starts exactly at the base model; the frozen tree passed in keeps every leaf object and byte, and the base model
+computes bitwise the same validation loss after training as before."""
 import json
 from pathlib import Path
 
@@ -33,12 +35,21 @@ def _encode(tok, rows):
     return ids, attn, loss_mask
 
 
+def _masked_nll(logits, ids, mask):
+    """Mean -log p(next token) over the loss-mask positions."""
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    m = mask[:, 1:]
+    return jnp.sum(nll * m) / jnp.sum(m)
+
+
 def test_lora_twenty_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_bitwise(smollm2_gguf):
     from jaxpeft import load_pretrained
 
     pre = load_pretrained(smollm2_gguf)
     frozen = pre.params
-    frozen_copy = jax.tree.map(lambda x: np.array(x), frozen)
+    frozen_copy = jax.tree.map(lambda x: np.array(x), frozen)  # the bytes, taken before anything runs
+    leaves_before = dict(jax.tree_util.tree_leaves_with_path(frozen))  # the leaf objects in the dict passed in
     model = AdaptedModel.wrap(pre.module).add("default", LoraConfig(r=8, lora_alpha=16))
     state = model.init(jax.random.key(0), frozen)
     train = [json.loads(line) for line in open(DATA / "train.jsonl")][:160]
@@ -47,11 +58,11 @@ def test_lora_twenty_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_bitw
 
     def loss_fn(trainable, ids, attn, mask):
         st = {"trainable": trainable, "extras": state["extras"]}
-        logits = model.apply(frozen, st, ids, attn).logits
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        m = mask[:, 1:]
-        return jnp.sum(nll * m) / jnp.sum(m)
+        return _masked_nll(model.apply(frozen, st, ids, attn).logits, ids, mask)
+
+    @jax.jit
+    def base_loss(params, ids, attn, mask):  # the plain backbone on whatever `params` holds (an argument)
+        return _masked_nll(pre.module.apply({"params": params}, ids, attn).logits, ids, mask)
 
     tx = optax.adamw(2e-3, weight_decay=0.0)
     trainable = state["trainable"]
@@ -65,10 +76,21 @@ def test_lora_twenty_steps_on_smollm2_arithmetic_cut_val_loss_and_keep_base_bitw
 
     eval_loss = jax.jit(loss_fn)
     loss0 = float(eval_loss(trainable, v_ids, v_attn, v_mask))
+    first = _encode(pre.tokenizer, train[:8])
+    base0 = float(base_loss(frozen, *first))
     for s in range(20):
         batch = train[(s * 8) % len(train):(s * 8) % len(train) + 8]
-        trainable, opt_state, _ = step(trainable, opt_state, *_encode(pre.tokenizer, batch))
+        trainable, opt_state, loss = step(trainable, opt_state, *_encode(pre.tokenizer, batch))
+        if s == 0:  # B = 0: the adapted model is the base model (not bitwise: XLA fuses the graphs differently)
+            assert float(loss) == pytest.approx(base0, rel=1e-5, abs=0), (float(loss), base0)
     loss1 = float(eval_loss(trainable, v_ids, v_attn, v_mask))
     print(f"val loss {loss0:.4f} -> {loss1:.4f}")
     assert loss1 <= 0.6 * loss0, (loss0, loss1)  # measured 2.43 -> 1.02
+    # the dict passed in: same paths, every leaf the very object it was, every byte as before
+    leaves_after = dict(jax.tree_util.tree_leaves_with_path(frozen))
+    assert leaves_after.keys() == leaves_before.keys()
+    replaced = [jax.tree_util.keystr(k) for k, x in leaves_after.items() if x is not leaves_before[k]]
+    assert replaced == [], f"leaves replaced in the frozen tree: {replaced[:5]}"
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), frozen, frozen_copy))
+    # and the base model still computes exactly what it computed before training
+    assert float(base_loss(frozen, *first)) == base0

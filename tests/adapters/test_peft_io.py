@@ -12,6 +12,7 @@ Broken folders raise CheckpointError.
 import copy
 import json
 import os
+import re
 import sys
 
 import jax
@@ -83,10 +84,41 @@ def test_export_file_keys_and_shapes_equal_peft_own_save(exported):
     assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     for k, v in ours.items():
         assert v.dtype == np.float32, k
-        np.testing.assert_array_equal(v, theirs[k].numpy(), err_msg=k)
     with open(e["folder"] / "adapter_model.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"] == {"format": "pt"}
+
+
+# 'base_model.model.[model.|transformer.|bert.]<stack>.<i>.<module>.lora_<A|B>.weight'; the flax module path is the
+# dotted HF path with '/' (llama 'layers', gpt2 'h', bert 'encoder/layer' stacks), written out here by hand
+_LORA_KEY = re.compile(r"^base_model\.model\.(?:model\.|transformer\.|bert\.)?(layers|h|encoder\.layer)\.(\d+)\."
+                       r"(.+)\.(lora_[AB])\.weight$")
+
+
+def test_export_file_values_are_the_in_memory_factors_per_layer_transposed(exported):
+    """Every tensor in the file equals the array that went in: lora_A[layer].T (r, n_in), lora_B[layer].T
+    (n_out, r) of the adapter state, and a modules_to_save classifier's kernel.T / bias; nothing else is in it."""
+    e = exported
+    ours = safetensors.numpy.load_file(str(e["folder"] / "adapter_model.safetensors"))
+    dense, saved = e["state"]["trainable"][af.NAME]["modules"], e["state"]["trainable"][af.NAME]["saved"]
+    checked = set()
+    for key, v in ours.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            stack, layer, module, leaf = m.groups()
+            factor = np.asarray(af.get(dense, f"{stack}.{module}".replace(".", "/"))[leaf])[int(layer)]
+            expected = factor.T
+        else:
+            module, leaf = key[len("base_model.model."):].rsplit(".", 1)
+            expected = np.asarray(af.get(saved, module.replace(".", "/"))[{"weight": "kernel", "bias": "bias"}[leaf]])
+            expected = expected.T if leaf == "weight" else expected
+        np.testing.assert_array_equal(v, expected, err_msg=key)
+        assert np.abs(v).max() > 0, f"{key}: an all-zero tensor cannot tell a wrong layer or factor apart"
+        checked.add(key)
+    assert checked == set(ours) and any(_LORA_KEY.match(k) for k in checked)
+    if "layers_to_transform" not in e["kw"]:  # both layers exported, and they differ (a layer swap would show)
+        keys = [k for k in ours if ".0." in k]
+        assert keys and all(not np.array_equal(ours[k], ours[k.replace(".0.", ".1.", 1)]) for k in keys)
 
 
 def test_export_config(exported):
@@ -272,13 +304,14 @@ def test_wrong_shape_raises(good_folder, tmp_path):
         _import(tiny, d)
 
 
-def test_unexpected_tensor_warns(good_folder, tmp_path):
+def test_unexpected_tensor_is_an_error(good_folder, tmp_path):
+    """Stricter than PEFT (which warns): a tensor no selected module uses means another model or another save."""
     tiny, folder = good_folder
     d = _copy(folder, tmp_path / "d")
     tensors = safetensors.numpy.load_file(str(d / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.self_attn.zz_proj.lora_A.weight"] = np.zeros((2, 32), np.float32)
     safetensors.numpy.save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="zz_proj"):
+    with pytest.raises(CheckpointError, match=r"1 tensors match no module.*zz_proj.*load it on its own base model"):
         _import(tiny, d)
 
 

@@ -103,18 +103,26 @@ def test_minilm_hidden_states_and_mean_pooled_embeddings_match_transformers(mini
 
 
 @pytest.mark.slow
-def test_gemma3_270m_short_logits_match_transformers_gguf(gemma3_gguf, gemma3_transformers):
+def test_gemma3_270m_logits_match_transformers_gguf_short_and_past_the_sliding_window(gemma3_gguf,
+                                                                                      gemma3_transformers):
+    """A short prompt, and 540 tokens: past the 512-token window, so the sliding layers' mask decides the last 28
+    positions (measured max-abs 1.6e-4 with the right window; a window off by one either way or no window at all
+    gives 0.24-3.0, far above the 2e-3 tolerance)."""
     import torch
 
     from jaxpeft import load_pretrained
 
     pre = load_pretrained(gemma3_gguf)
-    ids = pre.tokenizer.encode("The capital of France is")
     ref_model = gemma3_transformers
-    with torch.no_grad():
-        ref = ref_model(torch.tensor([ids])).logits.numpy()
-    out = pre.module.apply({"params": pre.params}, np.array([ids]))
-    assert_close(out.logits, ref, max_abs=2e-3, rel=1e-5, what="Gemma-3-270m logits")
+    window = pre.config.sliding_window
+    assert window == 512 and "sliding_attention" in pre.config.layer_types
+    long_ids = pre.tokenizer.encode(" ".join([PROMPT_32] * 20))[:540]
+    assert len(long_ids) == 540 > window
+    for what, ids in (("short", pre.tokenizer.encode("The capital of France is")), ("540 tokens", long_ids)):
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([ids])).logits.numpy()
+        out = pre.module.apply({"params": pre.params}, np.array([ids]))
+        assert_close(out.logits, ref, max_abs=2e-3, rel=1e-5, what=f"Gemma-3-270m logits, {what}")
 
 
 def test_cli_generate_runs_with_torch_unimportable(smollm2_gguf, tmp_path):

@@ -13,8 +13,6 @@ from jaxpeft.models.namemap import module_names, name_map
 PREFIX = {"llama": "model.", "qwen2": "model.", "gemma3_text": "model.", "gpt2": "transformer.",
           "bert": "bert.", "roberta": "roberta."}
 CASES = sorted(k for k in hf_tiny.HF_CLASSES if k[0] != "llama_linear" and k[1] in TASKS)
-# llama/gpt2 token_cls do not load yet (see test_decoder / test_gpt2 parity); the round trip needs a load
-LOADABLE = [c for c in CASES if c not in {("llama", "token_cls"), ("gpt2", "token_cls")}]
 
 
 def _ids(cases):
@@ -71,7 +69,7 @@ def test_name_map_matches_the_hf_state_dict(name, task):
     assert params - covered == set(), f"HF parameters the name map does not cover: {sorted(params - covered)}"
 
 
-@pytest.mark.parametrize("name,task", LOADABLE, ids=_ids(LOADABLE))
+@pytest.mark.parametrize("name,task", CASES, ids=_ids(CASES))
 def test_params_to_hf_round_trips_exactly(name, task):
     tiny = hf_tiny.load(name, task)
     exported = params_to_hf(tiny.cfg, task, tiny.params)

@@ -293,16 +293,31 @@ def test_seq_cls_run_on_tiny_bert(tiny_bert_dir, tmp_path, write_jsonl):
         assert v == pytest.approx(result.metrics_after[k], abs=1e-6), k
 
 
-def test_token_cls_run_on_tiny_bert(tiny_bert_dir, tmp_path, write_jsonl):
+def test_token_cls_run_on_tiny_bert_learns_beyond_the_label_prior(tiny_bert_dir, tmp_path, write_jsonl):
+    """8 steps at lr 2e-2 (same compile cost as 4): validation loss falls to well under the entropy of the
+    validation tag distribution (the best loss of any input-blind predictor, i.e. the majority/prior baseline;
+    measured 1.563 -> 0.658, prior 1.25), and span F1 rises far above its step-0 value and the all-'O' majority
+    baseline's 0 (measured 0.217 -> 0.737)."""
     from jaxpeft.train import run
 
     write_jsonl(tmp_path / "data" / "train.jsonl", _ner_rows(32, 0))
-    write_jsonl(tmp_path / "data" / "validation.jsonl", _ner_rows(10, 1))
+    val = _ner_rows(10, 1)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", val)
     (tmp_path / "data" / "labels.json").write_text(json.dumps(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]))
-    result = run(_run_cfg(tiny_bert_dir, tmp_path / "data", tmp_path / "run", "token_cls"), verbose=False)
-    assert {"eval_loss", "span_f1", "span_precision", "span_recall"} <= set(result.metrics_after)
-    assert 0.0 <= result.metrics_after["span_f1"] <= 1.0
+    cfg = _run_cfg(tiny_bert_dir, tmp_path / "data", tmp_path / "run", "token_cls")
+    cfg["optim"]["lr"] = 2e-2
+    cfg["train"].update(steps=8, eval_every=8, checkpoint_every=8)
+    result = run(cfg, verbose=False)
+    before, after = result.metrics_before, result.metrics_after
+    assert {"eval_loss", "span_f1", "span_precision", "span_recall"} <= set(after)
     assert all(np.isfinite(v) for _, v in result.train_losses)
+    tags = [t for r in val for t in r["tags"]]
+    freq = np.array([tags.count(t) for t in set(tags)], np.float64) / len(tags)
+    prior_entropy = float(-(freq * np.log(freq)).sum())
+    assert before["eval_loss"] > prior_entropy  # a random head starts no better than the prior
+    assert after["eval_loss"] <= 0.6 * before["eval_loss"], (before, after)
+    assert after["eval_loss"] <= 0.8 * prior_entropy, (after, prior_entropy)
+    assert after["span_f1"] >= 0.5 and after["span_f1"] >= before["span_f1"] + 0.25, (before, after)
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
 
 
