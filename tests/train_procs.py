@@ -139,3 +139,12 @@ def cli(args) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in args])
     return rc, out.getvalue(), err.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a jax.distributed coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

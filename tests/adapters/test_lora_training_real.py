@@ -2,7 +2,6 @@
 starts exactly at the base model; the frozen tree passed in keeps every leaf object and byte, and the base model
 computes bitwise the same validation loss after training as before."""
 import json
-from pathlib import Path
 
 from jaxpeft.bundled import dataset_path
 

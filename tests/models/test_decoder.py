@@ -132,34 +132,10 @@ def test_default_positions_ignore_left_padding():
 
 def test_llama_token_cls_train_mode_drops_the_score_input_at_hf_rate():
     """HF's GenericForTokenClassification (llama, qwen2, gemma3) applies dropout (classifier_dropout, else
-    hidden_dropout, else 0.1) to the final hidden states before `score`. Llama has no other dropout here (attention
-    dropout 0), so with an identity score train mode must zero a fraction p of the head's input only."""
-    import functools
-
-    from jaxpeft.loading.convert import unflatten_params
+    hidden_dropout, else 0.1) to the final hidden states before `score`; llama has no other dropout here."""
     from jaxpeft.models import ModelConfig
-    from jaxpeft.models.namemap import name_map
+    from parity import assert_token_head_dropout
 
-    p = 0.3
-    cfg = ModelConfig.from_hf(hf_tiny.llama_config(num_labels=32, classifier_dropout=p).to_dict())
     assert ModelConfig.from_hf(hf_tiny.llama_config().to_dict()).classifier_dropout == 0.1  # HF's default
-    module = build_model(cfg, "token_cls")
-    ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (8, 16)).astype(np.int32)
-    rng = np.random.RandomState(0)
-    params = unflatten_params({e.flax_path: jnp.asarray(e.flax_path.endswith("scale") + 0.2 * rng.randn(*e.shape),
-                                                        jnp.float32) for e in name_map(cfg, "token_cls")})
-    d = cfg.hidden_size
-    params = dict(params, score={"kernel": jnp.eye(d), "bias": jnp.zeros(d)})
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def run(deterministic, key):
-        out = module.apply({"params": params}, ids, deterministic=deterministic, rngs={"dropout": key})
-        return out.hidden, out.logits
-
-    h, det = map(np.asarray, run(True, jax.random.key(1)))
-    h_train, y = map(np.asarray, run(False, jax.random.key(1)))
-    np.testing.assert_array_equal(h_train, h)
-    assert_close(det, h, max_abs=1e-5, what="identity score, eval mode")
-    dropped = y == 0
-    assert abs(dropped.mean() - p) < 0.04, dropped.mean()
-    assert_close(y[~dropped] * (1 - p), h[~dropped], max_abs=1e-5, what="kept units scaled by 1 / (1 - p)")
+    cfg = ModelConfig.from_hf(hf_tiny.llama_config(num_labels=32, classifier_dropout=0.3).to_dict())
+    assert_token_head_dropout(cfg, "score", 0.3)

@@ -1,5 +1,4 @@
 """GPT-2 vs transformers on tiny random checkpoints saved with save_pretrained (left and right padding rows)."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -97,33 +96,11 @@ def test_token_cls_train_mode_drops_the_classifier_input_at_hf_rate():
     """HF applies dropout to the final hidden states before `classifier`. With every other dropout 0
     (resid/embd/attn), train mode must leave `hidden` untouched and zero a fraction p of the classifier's input,
     scaling the rest by 1 / (1 - p), p = 0.3 being HF's rate here. An identity classifier exposes the mask."""
-    from jaxpeft.loading.convert import unflatten_params
-    from jaxpeft.models import ModelConfig, build_model
-    from jaxpeft.models.namemap import name_map
+    from jaxpeft.models import ModelConfig
+    from parity import assert_token_head_dropout
 
     hf_cfg = hf_tiny.gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=32,
                                  classifier_dropout=0.3)
-    p = 0.3
     cfg = ModelConfig.from_hf(hf_cfg.to_dict())
     assert cfg.hidden_dropout == 0.0 and cfg.attention_dropout == 0.0
-    module = build_model(cfg, "token_cls")
-    ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (8, 16)).astype(np.int32)
-    rng = np.random.RandomState(0)  # random weights from the name map (cheaper than an eager module.init)
-    params = unflatten_params({e.flax_path: jnp.asarray(e.flax_path.endswith("scale") + 0.2 * rng.randn(*e.shape),
-                                                        jnp.float32) for e in name_map(cfg, "token_cls")})
-    params = dict(params, classifier={"kernel": jnp.eye(32), "bias": jnp.zeros(32)})
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def run(deterministic, key):
-        out = module.apply({"params": params}, ids, deterministic=deterministic, rngs={"dropout": key})
-        return out.hidden, out.logits
-
-    h, det = map(np.asarray, run(True, jax.random.key(1)))
-    h_train, y = map(np.asarray, run(False, jax.random.key(1)))
-    np.testing.assert_array_equal(h_train, h)  # dropout only at the head
-    assert_close(det, h, max_abs=1e-6, what="identity classifier, eval mode")
-    dropped = y == 0
-    assert abs(dropped.mean() - p) < 0.03, dropped.mean()  # 4096 units: std of the fraction 0.007
-    assert_close(y[~dropped] * (1 - p), h[~dropped], max_abs=1e-5, what="kept units scaled by 1 / (1 - p)")
-    other = np.asarray(run(False, jax.random.key(2))[1])
-    assert not np.array_equal(other == 0, dropped), "the mask must come from the dropout rng"
+    assert_token_head_dropout(cfg, "classifier", 0.3)

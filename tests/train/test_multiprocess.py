@@ -3,19 +3,12 @@ through `jax.distributed`, train on one global mesh, checkpoint; a single proces
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from train_procs import REPO, evals, train_losses
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train_procs import REPO, evals, free_port, train_losses
 
 
 @pytest.mark.slow
@@ -32,7 +25,7 @@ def test_two_processes_train_together_and_one_process_resumes_their_checkpoint(t
     multi = patch(tmp_path / "multi", 4)
     multi["generation"] = {"eval_generate": True}  # generation runs on the global mesh too
     config = build_config(multi, path=tmp_path / "multi.yaml")
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multiprocess_driver.py"), str(config),
                                coordinator, "2", str(i), str(tmp_path / f"p{i}.json")], env=cli_env, cwd=str(REPO),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

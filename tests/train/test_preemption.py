@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from jaxpeft.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from jaxpeft.train.preemption import StopSignals
-from train_procs import REPO, cli, committed, train_losses
+from train_procs import REPO, cli, committed, free_port, train_losses
 
 
 def test_the_first_signal_is_recorded_and_the_second_sigint_interrupts_at_once():
@@ -55,18 +54,12 @@ def test_a_second_sigint_stops_at_once_with_exit_130(make_config, tmp_path, monk
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, build_config, cli_env):
     config = build_config({"train": {"output_dir": str(tmp_path / "run"), "steps": 8, "batch_size": 8,
                                      "checkpoint_every": 4, "eval_batch_size": 8, "log_every": 1,
                                      "preemption_check_every": 2}}, path=tmp_path / "c.yaml")
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     procs = []
     for i in range(2):  # only process 1 is signalled, after step 3: both agree at step 4 (checked every 2 steps)
         env = dict(cli_env, JAXPEFT_FAULT="train.step@3:SIGTERM") if i == 1 else cli_env
