@@ -302,3 +302,11 @@ def test_any_linen_model_adapts_merges_and_counts(mlp):
     text = am.summary(st)
     assert "blocks.{i}.fc1  [8->24; layers 0,1]  lora_A (2, 8, 2), lora_B (2, 2, 24)" in text
     assert "head  [8->3; no layer axis]  lora_A (8, 2), lora_B (2, 3)" in text
+
+
+def test_a_prefix_method_on_a_model_without_prefix_hooks_is_refused_with_the_fix(mlp):
+    from jaxpeft.adapters import PrefixTuningConfig
+
+    net, x, _ = mlp
+    with pytest.raises(AdapterError, match="this model has no prefix hook: prefix methods"):
+        AdaptedModel.wrap_any(net, x).add("p", PrefixTuningConfig(num_virtual_tokens=4))
