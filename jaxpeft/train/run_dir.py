@@ -25,6 +25,9 @@ RESUMABLE_CHANGES = (
     "train.loss_chunk", "train.allow_config_change", "data.eval_split", "data.max_eval_rows", "data.buckets",
     "data.bucket_multiple", "data.max_buckets", "model.remat", "generation.", "mesh.", "metrics",
 )
+EXTENDABLE = ("train.steps",)
+"""Keys a resumed run may change (training longer or shorter) that do change training from here on (the learning-rate
+schedule ends at the new train.steps): allowed, and said when the run resumes."""
 
 
 @contextlib.contextmanager
@@ -70,36 +73,42 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
     """[(dotted key, old value, new value)] of the settings that differ between two run configs and change the
-    trained weights (keys of RESUMABLE_CHANGES excluded)."""
+    trained weights (keys of RESUMABLE_CHANGES and EXTENDABLE excluded)."""
     a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
     changed = []
     for key in sorted(set(a) | set(b)):
-        if any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_CHANGES):
+        if key in EXTENDABLE or any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_CHANGES):
             continue
         if a.get(key) != b.get(key):
             changed.append((key, a.get(key), b.get(key)))
     return changed
 
 
-def check_resume_config(out: Path, cfg: RunConfig) -> None:
+def check_resume_config(out: Path, cfg: RunConfig) -> list[str]:
     """ConfigError when `out` holds checkpoints trained under a config.yaml whose training settings differ from
     `cfg` (resuming would silently train a mix); the message names every differing key. Nothing to check without
-    checkpoints, or with train.allow_config_change."""
+    checkpoints, or with train.allow_config_change. Returns notes on the allowed changes that still matter (a new
+    train.steps moves the end of the learning-rate schedule) for the run to print."""
     saved = out / "config.yaml"
     ckpts = out / "checkpoints"
     if not saved.exists() or not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
-        return
-    if cfg.train.allow_config_change:
-        return
+        return []
     try:
         old = load_config(str(saved))
     except ConfigError as e:
+        if cfg.train.allow_config_change:
+            return []
         raise ConfigError(f"{saved}: the config the checkpoints in {ckpts} were trained with no longer loads ({e}); "
                           "start a new train.output_dir") from e
-    changes = config_changes(old, cfg)
+    changes = [] if cfg.train.allow_config_change else config_changes(old, cfg)
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:10])
         more = f" (and {len(changes) - 10} more)" if len(changes) > 10 else ""
         raise ConfigError(f"resuming {out} would change how its checkpoints were trained: {listed}{more}. Restore "
                           f"those values (they are in {saved}), choose a new train.output_dir, or set "
                           "train.allow_config_change: true to resume under the new settings anyway")
+    notes = []
+    if old.train.steps != cfg.train.steps:
+        notes.append(f"note: train.steps changed from {old.train.steps} to {cfg.train.steps} since the checkpoints were "
+                     f"written: the learning-rate schedule now ends at step {cfg.train.steps}")
+    return notes

@@ -283,23 +283,23 @@ def run(config: RunConfig | str | dict, overrides: tuple[str, ...] | list[str] =
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     out = Path(cfg.train.output_dir)
     main = jax.process_index() == 0  # with several processes only the first writes run files and prints
-    if cfg.train.resume:  # checkpoints trained under other settings would silently change this run
-        check_resume_config(out, cfg)
+    # checkpoints trained under other settings would silently change this run
+    notes = check_resume_config(out, cfg) if cfg.train.resume else []
     with lock_run_dir(out, enabled=main), StopSignals() as stop:
-        return _run(cfg, out, main, stop, verbose)
+        return _run(cfg, out, main, stop, verbose, notes)
 
 
-def _run(cfg: RunConfig, out: Path, main: bool, stop: StopSignals, verbose: bool) -> RunResult:
+def _run(cfg: RunConfig, out: Path, main: bool, stop: StopSignals, verbose: bool, notes: list[str]) -> RunResult:
     """The body of `run` once the run folder is locked and stop signals are caught."""
     from jaxpeft.train.logging import RunLogger
 
-    if main:
-        (out / "config.yaml").write_text(dump_config(cfg))
     say = print if verbose and main else (lambda *a, **k: None)
     ctx = _context(cfg, calibrate=True)
+    if main:  # written once the config proved buildable, so a failed start never replaces a run's config.yaml
+        (out / "config.yaml").write_text(dump_config(cfg))
     place = ctx.placement
     frozen = ctx.pretrained.params
-    for note in ctx.notes:
+    for note in (*notes, *ctx.notes):
         say(note)
     say(trainable_parameters_line(ctx.model, ctx.state, frozen))
     train_rows = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_rows)

@@ -448,7 +448,7 @@ def test_merge_prefix_adapter_raises_cannot_be_merged():
 
 def test_prefix_on_model_without_prefix_hook_raises():
     wrapped = AdaptedModel.wrap_any(_MLP(), jnp.zeros((1, 4)))
-    assert wrapped.add("lora", LoraConfig(target_modules=("Dense_0",))).names == ("lora",)  # the model itself is fine
+    assert wrapped.add("lora", LoraConfig(r=2, target_modules=("Dense_0",))).names == ("lora",)  # the model is fine
     with pytest.raises(ValueError, match="prefix hook"):
         wrapped.add(NAME, PrefixTuningConfig(num_virtual_tokens=2))
 

@@ -150,12 +150,12 @@ def test_bert_typo_suggests_bert_names():
 
 
 def test_regex_matching_nothing_raises():
-    with pytest.raises(ValueError, match=r"matches no module"):
+    with pytest.raises(ValueError, match=r"is one regex string, matched against whole module paths, and matches none"):
         _model("llama", "causal_lm").add("x", LoraConfig(target_modules=r"model\.layers\.\d+\.attn\.q"))
 
 
 def test_regex_is_a_full_match_not_a_search():
-    with pytest.raises(ValueError, match="matches no module"):
+    with pytest.raises(ValueError, match=r"matches none .* for suffix matching write a list instead"):
         _model("llama", "causal_lm").add("x", LoraConfig(target_modules=r"q_proj"))
 
 

@@ -36,7 +36,7 @@ def test_only_the_keys_that_change_training_count_as_changes(make_config):
                                          "generation": {"max_new_tokens": 4}, "mesh": {"data": 1}}))
     assert config_changes(base, reporting) == []
     changed = load_config(make_config({"optim": {"lr": 0.5}, "adapter": {"r": 2}, "train": {"steps": 9}}))
-    assert [k for k, _, _ in config_changes(base, changed)] == ["adapter.r", "optim.lr", "train.steps"]
+    assert [k for k, _, _ in config_changes(base, changed)] == ["adapter.r", "optim.lr"]  # steps: a note
 
 
 def test_resuming_with_a_changed_lr_is_refused_naming_the_keys_and_nothing_is_touched(make_config, tmp_path):
@@ -46,13 +46,14 @@ def test_resuming_with_a_changed_lr_is_refused_naming_the_keys_and_nothing_is_to
     changed = make_config({"train": {"steps": 4, "checkpoint_every": 2}, "optim": {"lr": 0.05}}, tmp_path / "d.yaml")
     rc, out, err = cli(["train", changed])
     assert rc == EXIT_USER_ERROR
-    assert "would change how its checkpoints were trained: optim.lr: 0.01 -> 0.05; train.steps: 2 -> 4" in err
+    assert "would change how its checkpoints were trained: optim.lr: 0.01 -> 0.05. Restore" in err
     assert "train.allow_config_change: true" in err and "new train.output_dir" in err
     assert _digests(tmp_path / "run") == before
     # explicitly allowed: resumes from step 2
     rc, out, err = cli(["train", changed, "--set", "train.allow_config_change=true"])
     assert rc == 0, err
     assert "resumed from step 2" in out
+    assert "note: train.steps changed from 2 to 4 since the checkpoints were written" in out
 
 
 def test_a_full_disk_during_a_checkpoint_fails_with_the_fix_and_keeps_the_earlier_ones(make_config, tmp_path,
