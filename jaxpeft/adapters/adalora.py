@@ -52,6 +52,9 @@ class AdaloraConfig(AdapterConfig):
         object.__setattr__(self, "method", "adalora")
         if not 1 <= self.target_r <= self.init_r:
             raise AdapterError(f"target_r={self.target_r}, init_r={self.init_r}: need 1 <= target_r <= init_r")
+        if self.rank_pattern or self.alpha_pattern:
+            raise AdapterError("rank_pattern / alpha_pattern: AdaLoRA allocates each module's rank itself (init_r at "
+                               "the start, target_r on average at the end); drop them, or use LoRA with rank_pattern")
         for key in ("beta1", "beta2"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise AdapterError(f"{key}={getattr(self, key)}: must be in (0, 1)")

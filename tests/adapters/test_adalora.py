@@ -216,3 +216,10 @@ def test_trainable_count_equals_section_15_and_peft():
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaloraConfig(**kw)
+
+
+def test_a_rank_pattern_is_refused_because_adalora_allocates_ranks_itself():
+    from jaxpeft.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="AdaLoRA allocates each module's rank itself"):
+        AdaloraConfig(init_r=6, target_r=2, rank_pattern={"q_proj": 4})
