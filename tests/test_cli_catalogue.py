@@ -769,9 +769,11 @@ def _(ctx):
       "committed older steps: [1]")
 def _(ctx):
     config, run = _run_copy(ctx)
-    for folder in (run / "checkpoints" / "2" / "trainable").glob("ocdbt.process_*/d"):
-        for f in folder.iterdir():
-            _truncate(f)
+    # OCDBT keeps data (and b-tree nodes) in `d/` folders: per process, and at the top once Orbax merged them
+    data = [f for f in (run / "checkpoints" / "2" / "trainable").glob("**/d/*") if f.is_file()]
+    assert data, "no OCDBT data files found: the checkpoint layout changed"
+    for f in data:
+        _truncate(f)
     ctx.protect(run)
     return ["export", config, "--out", ctx.name(ctx.tmp / "exported", "EXPORT")]
 
