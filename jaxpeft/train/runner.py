@@ -112,16 +112,14 @@ def _context(cfg: RunConfig, calibrate: bool = False) -> _Context:
     _check_positions(cfg, pre.config, model)
     spec = model.spec(ADAPTER_NAME)
     partial = [] if spec.config.layers_to_transform is not None else partial_layer_targets(spec.targets)
-    if partial:
-        head_note = "\n".join(filter(None, [head_note, (
-            "note: the adapter's targets match some modules in only some layers (layers_to_transform is not set): "
-            + "; ".join(partial))]))
+    partial_note = partial and ("note: the adapter's targets match some modules in only some layers "
+                                "(layers_to_transform is not set): " + "; ".join(partial))
     state = _init_state(model, pre.params, cfg.train.seed, _calibration(cfg, model, pre.params, task, calibrate),
                         placement)
     eval_rows = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_rows)
     eval_examples = encode_rows(task, eval_rows)
     ctx = _Context(cfg, pre, task, model, state, eval_rows, eval_examples, placement=placement,
-                   buckets=_buckets(cfg, [], eval_examples), notes=tuple(filter(None, [head_note])))
+                   buckets=_buckets(cfg, [], eval_examples), notes=tuple(filter(None, [head_note, partial_note])))
     return _with_model(ctx, model, state)
 
 
